@@ -1,0 +1,147 @@
+"""``python -m mrc_ref.compress weights.safetensors acts.h5 [-o OUT]``
+
+Compress the linear layers of a model: activation-aware SVD (Stage 1),
+mixed-rank allocation under a parameter budget (Stage 2) and residual error
+compensation (Stage 3). See docs/cli.md.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+from . import formats, pipeline
+from .backend import get_xp
+from .errors import MrcError
+
+
+def build_parser():
+    d = pipeline.Config()
+    p = argparse.ArgumentParser(prog="python -m mrc_ref.compress", description=__doc__.splitlines()[2])
+    p.add_argument("weights", nargs="?", help="model weights (safetensors)")
+    p.add_argument("acts", nargs="?", help="activation statistics (acts.h5, version 1)")
+    p.add_argument("-o", "--output", help="compressed safetensors (default: <weights>.compressed.safetensors)")
+    p.add_argument("--example", action="store_true",
+                   help="run on the embedded example model (no input files needed)")
+    p.add_argument("--report", help="write the JSON report here")
+    p.add_argument("--layers", default=",".join(d.layers),
+                   help="comma-separated glob patterns of layer names (default: %(default)s)")
+    p.add_argument("--statistic", default=d.statistic, choices=["gram", "per-image", "mean-input", "weight"],
+                   help="metric of Stage 1 (default: %(default)s)")
+    p.add_argument("--allocation", default=d.allocation, choices=["greedy", "threshold", "uniform"],
+                   help="rank allocation rule of Stage 2 (default: %(default)s)")
+    p.add_argument("--reduction", type=float, default=d.reduction,
+                   help="fraction of the model's stored parameters to remove (default: %(default)s)")
+    p.add_argument("--rank", type=int, help="fix every selected layer at this rank instead of a budget")
+    p.add_argument("--rank-step", type=int, default=d.rank_step, help="ranks removed per greedy step (default: %(default)s)")
+    p.add_argument("--residual-rank", type=int, default=d.residual_rank,
+                   help="rank q of the residual P Q, counted in the budget (default: %(default)s)")
+    p.add_argument("--compensation", default=d.compensation, choices=["auto", "sequential", "local", "none"],
+                   help="Stage 3 mode; auto = sequential when acts.h5 has proxy tokens, else local")
+    p.add_argument("--steps", type=int, default=d.steps, help="Adam steps per layer (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the residual's initial Q (default: %(default)s)")
+    p.add_argument("--device", default=d.device, choices=["cpu", "cuda"], help="NumPy or CuPy (default: %(default)s)")
+    p.add_argument("--dtype", default=d.dtype, choices=["float64", "float32"], help="internal math (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def config_from_args(args):
+    """The :class:`~mrc_ref.pipeline.Config` of parsed arguments."""
+    layers = tuple(p.strip() for p in args.layers.split(",") if p.strip())
+    return pipeline.Config(layers=layers, statistic=args.statistic, allocation=args.allocation,
+                           reduction=args.reduction, rank=args.rank, rank_step=args.rank_step,
+                           residual_rank=args.residual_rank, compensation=args.compensation,
+                           steps=args.steps, lr=args.lr, seed=args.seed, dtype=args.dtype, device=args.device)
+
+
+def progress_bar(quiet):
+    """A ``progress(iterable, desc)`` wrapper printing tqdm bars on stderr."""
+    from tqdm import tqdm
+
+    return lambda it, desc: tqdm(it, desc=desc, disable=quiet, file=sys.stderr, leave=False)
+
+
+def summary(report):
+    """The readable summary table of a report."""
+    rows = [("layer", "shape", "rank", "q", "params", "NMSE stage 1", "NMSE stage 3")]
+    for e in report["layers"]:
+        rows.append((e["name"], "{}x{}".format(*e["shape"]), "dense" if e["rank"] is None else str(e["rank"]),
+                     str(e["residual_rank"]), f"{e['params_before']} -> {e['params_after']}",
+                     f"{e['nmse_stage1']:.3e}", f"{e['nmse_stage3']:.3e}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    t, c = report["totals"], report["config"]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append("-" * len(lines[0]))
+    lines.append(f"statistic {c['statistic']}, allocation {c['allocation']}, compensation {c['compensation']}, "
+                 f"residual rank {c['residual_rank']}")
+    lines.append(f"parameters {t['params_before']} -> {t['params_after']} "
+                 f"(reduction {t['reduction_achieved']:.2%}"
+                 + (f", target {t['reduction_target']:.2%})" if t["reduction_target"] is not None else ")")
+                 + f"; {t['layers_factored']} of {t['layers_selected']} selected layers factored")
+    return "\n".join(lines)
+
+
+def compress_files(weights, acts, output, config, *, report_path=None, quiet=True):
+    """Read the inputs, run the pipeline, write the outputs atomically.
+
+    Returns the report (dict).
+    """
+    inputs = (weights, acts)
+    for out in (output, report_path):  # refuse before any work is done
+        if out is not None and os.path.exists(out) and any(
+                os.path.exists(i) and os.path.samefile(out, i) for i in inputs):
+            raise MrcError("output would overwrite an input file", file=out)
+    pipeline.check_config(config)
+    xp = get_xp(config.device)
+    tensors, metadata = formats.read_safetensors(weights)
+    with formats.open_activations(acts) as f:
+        proxy = formats.read_proxy_tokens(f)
+        sequential = None
+        if proxy is not None and config.compensation in ("auto", "sequential"):
+            from .sequential import make_sequential  # needs the ViT forward pass
+
+            sequential = make_sequential(tensors, metadata, proxy, progress=progress_bar(quiet))
+        out, report = pipeline.run(tensors, lambda name: formats.read_layer_stats(f, name, acts), config,
+                                   xp=xp, progress=progress_bar(quiet), sequential=sequential,
+                                   files=(weights, acts))
+    report["inputs"] = {"weights": os.path.basename(weights), "acts": os.path.basename(acts)}
+    formats.write_safetensors(output, out, formats.compressed_metadata(report, metadata), inputs=inputs)
+    if report_path:
+        formats.write_json(report_path, report, inputs=inputs)
+    return report
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.example:
+            if args.weights or args.acts:
+                raise MrcError("--example takes no input files")
+            from data_tools.example_data import example_paths
+
+            args.weights, args.acts = example_paths(tempfile.mkdtemp(prefix="mrc_ref_example_"))
+            args.output = args.output or "example.compressed.safetensors"
+        elif not (args.weights and args.acts):
+            parser.error("the weights and acts files are required (or --example)")
+        output = args.output or os.path.splitext(args.weights)[0] + ".compressed.safetensors"
+        report = compress_files(args.weights, args.acts, output, config_from_args(args),
+                                report_path=args.report, quiet=args.quiet)
+        print(summary(report))
+        print(f"wrote {output}" + (f" and {args.report}" if args.report else ""))
+        if args.example:
+            from data_tools.example_data import print_accuracy
+
+            print_accuracy(output, quiet=args.quiet)
+    except MrcError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""The three stages in order for a set of layers (no file I/O).
+
+``run`` takes the tensors of a model, a callable that returns one layer's raw
+statistics, and a :class:`Config`; it returns the output tensors in the
+compressed layout (docs/formats.md) and a JSON-ready report.
+"""
+
+import dataclasses
+import fnmatch
+import re
+
+import numpy as np
+
+from . import allocate, compensate, stats, svd
+from .backend import get_dtype, to_host
+from .errors import MrcError
+
+#: The timm ViT block linears, in forward order within a block.
+DEFAULT_LAYERS = ("blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2")
+COMPENSATIONS = ("sequential", "local", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every option of a compression run; recorded in the output's metadata.
+
+    ``reduction`` is the fraction of the model's stored parameters removed
+    (budget ``P* = ⌊(1 − reduction) P_total⌋``); ``rank``, when set, fixes every
+    selected layer's rank and skips the budget. ``compensation`` ``"auto"``
+    resolves to ``sequential`` when proxy tokens exist, else ``local``.
+    """
+
+    layers: tuple = DEFAULT_LAYERS
+    statistic: str = "gram"
+    allocation: str = "greedy"
+    reduction: float = 0.6
+    rank: int | None = None
+    rank_step: int = 1
+    residual_rank: int = 8
+    compensation: str = "auto"
+    steps: int = 500
+    lr: float = 1e-3
+    seed: int = 0
+    dtype: str = "float64"
+    device: str = "cpu"
+
+    def to_json(self):
+        """The configuration as a JSON-ready dict."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def check_config(config):
+    """Raise :class:`MrcError` for option values out of range."""
+    if config.statistic not in stats.STATISTICS:
+        raise MrcError(f"unknown statistic {config.statistic!r}; expected one of {', '.join(stats.STATISTICS)}")
+    if config.allocation not in allocate.ALLOCATIONS:
+        raise MrcError(f"unknown allocation {config.allocation!r}; expected one of {', '.join(allocate.ALLOCATIONS)}")
+    if config.compensation not in COMPENSATIONS + ("auto",):
+        raise MrcError(f"unknown compensation {config.compensation!r}; expected auto or one of {', '.join(COMPENSATIONS)}")
+    if not 0 < config.reduction < 1:
+        raise MrcError(f"--reduction must be in (0, 1), got {config.reduction}")
+    if config.rank is not None and config.rank < 1:
+        raise MrcError(f"--rank must be ≥ 1, got {config.rank}")
+    if config.rank_step < 1:
+        raise MrcError(f"--rank-step must be ≥ 1, got {config.rank_step}")
+    if config.residual_rank < 0:
+        raise MrcError(f"--residual-rank must be ≥ 0, got {config.residual_rank}")
+    if config.steps < 0:
+        raise MrcError(f"--steps must be ≥ 0, got {config.steps}")
+    if not config.lr > 0:
+        raise MrcError(f"--lr must be positive, got {config.lr}")
+    get_dtype(config.dtype)
+    if not config.layers:
+        raise MrcError("--layers selects no pattern")
+
+
+_VIT_ORDER = {"attn.qkv": 0, "attn.proj": 1, "mlp.fc1": 2, "mlp.fc2": 3}
+
+
+def _order_key(name):
+    """Forward order: numbers compare as numbers, and within a ViT block
+    qkv < proj < fc1 < fc2."""
+    key = []
+    for part in re.split(r"(\d+)", name):
+        if part.isdigit():
+            key.append((0, int(part), ""))
+        elif part:
+            stripped = part.strip(".")
+            key.append((1, _VIT_ORDER.get(stripped, len(_VIT_ORDER)), stripped))
+    return key
+
+
+def select_layers(tensors, patterns):
+    """Names ``<name>`` of 2-D ``<name>.weight`` tensors matching any glob
+    pattern, in forward order."""
+    names = [k[: -len(".weight")] for k, v in tensors.items() if k.endswith(".weight") and v.ndim == 2]
+    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not chosen:
+        raise MrcError(f"--layers {','.join(patterns)} matches no 2-D '<name>.weight' tensor")
+    return sorted(chosen, key=_order_key)
+
+
+def count_params(tensors):
+    """Stored parameters: the element count of every tensor, as stored."""
+    return int(sum(int(np.prod(v.shape)) for v in tensors.values()))
+
+
+def _layer_metric(name, W, raw, config, xp, dtype):
+    try:
+        st = stats.validate(raw, W.shape[1], xp, dtype, need_normalized=config.statistic == "per-image")
+    except MrcError as err:
+        raise err.at(layer=name) from None
+    return st, stats.metric(config.statistic, st, W.shape[1], xp)
+
+
+def run(tensors, load_stats, config, *, xp, progress=None, sequential=None, files=(None, None)):
+    """Compress the selected layers of ``tensors``.
+
+    Parameters
+    ----------
+    tensors : dict of str -> ndarray
+        The model as stored (host arrays; not modified).
+    load_stats : callable
+        ``load_stats(name) -> dict`` of raw statistics (``gram``, ``sum``,
+        ``rows``, ``gram_normalized``), see :func:`mrc_ref.stats.validate`.
+    config : Config
+    xp : module
+        Array module for the math.
+    progress : callable, optional
+        ``progress(iterable, desc) -> iterable`` (e.g. a tqdm wrapper).
+    sequential : callable, optional
+        ``sequential(names, factors, config, xp) -> dict name -> (P, Q, info)``
+        running the sequential Stage 3; required when the compensation is
+        ``sequential``.
+    files : (str, str), optional
+        Names of the weights and statistics sources, used in error messages only.
+
+    Returns
+    -------
+    out : dict of str -> ndarray
+        Every input tensor, with each compressed ``<name>.weight`` replaced by
+        ``lowrank_a``, ``lowrank_b`` and, when ``q > 0``, ``residual_p``,
+        ``residual_q`` (in the weight's stored dtype).
+    report : dict
+        JSON-ready: configuration, per-layer figures and totals.
+    """
+    check_config(config)
+    try:
+        return _run(tensors, load_stats, config, xp, progress, sequential, files)
+    except MrcError as err:  # a layer's problem is in its statistics; the rest concerns the model
+        raise err.at(file=files[1] if err.layer else files[0]) from None
+
+
+def _run(tensors, load_stats, config, xp, progress, sequential, files):
+    progress = progress or (lambda it, desc: it)
+    dtype = get_dtype(config.dtype)
+    compensation = config.compensation
+    if compensation == "auto":
+        compensation = "sequential" if sequential is not None else "local"
+    if compensation == "sequential" and sequential is None:
+        raise MrcError("--compensation sequential needs proxy tokens ('proxy/tokens' in the activations file)")
+    q = 0 if compensation == "none" else config.residual_rank
+    names = select_layers(tensors, config.layers)
+    shapes = [tuple(int(s) for s in tensors[n + ".weight"].shape) for n in names]
+    p_total = count_params(tensors)
+    fixed = p_total - sum(m * n for m, n in shapes)
+
+    # Stage 1: spectrum of every layer (basis kept up to the break-even rank).
+    bases, curves = {}, []
+    for name in progress(names, "stage 1 (activation-aware SVD)"):
+        W = xp.asarray(tensors[name + ".weight"], dtype=dtype)
+        if not bool(xp.isfinite(W).all()):
+            raise MrcError("weight contains NaN or Inf", file=files[0], layer=name)
+        _, C = _layer_metric(name, W, load_stats(name), config, xp, dtype)
+        try:
+            U, s2 = svd.output_basis(W, C, xp)
+        except MrcError as err:
+            raise err.at(layer=name) from None
+        keep = max(allocate.break_even_rank(*W.shape, 0), config.rank or 0)
+        bases[name] = U[:, :keep]
+        curves.append(to_host(svd.nmse_curve(s2, xp)))
+
+    # Stage 2: ranks.
+    budget = int(np.floor((1 - config.reduction) * p_total))
+    if config.rank is not None:
+        ranks = allocate.fixed_rank(shapes, q, config.rank)
+        budget = None
+    else:
+        ranks = allocate.allocate(config.allocation, curves, shapes, q, fixed, budget, config.rank_step)
+
+    # Factors, then Stage 3.
+    out = {k: v for k, v in tensors.items()}
+    layers, factors = [], {}
+    for index, (name, (m, n), rank) in enumerate(zip(names, shapes, ranks)):
+        entry = {"name": name, "shape": [m, n], "statistic": config.statistic,
+                 "rank": rank, "residual_rank": 0, "params_before": m * n,
+                 "params_after": allocate.layer_params(m, n, rank, q),
+                 "nmse_stage1": 0.0, "nmse_stage3": 0.0}
+        layers.append(entry)
+        if rank is None:
+            entry["params_after"] = m * n
+            continue
+        W = xp.asarray(tensors[name + ".weight"], dtype=dtype)
+        A, B = svd.factors(W, bases[name], rank)
+        factors[name] = (index, W, A, B)
+        entry["nmse_stage1"] = entry["nmse_stage3"] = float(curves[index][rank])
+    bases.clear()
+
+    residuals = {}
+    if q > 0 and factors:
+        if compensation == "sequential":
+            residuals = sequential(list(factors), factors, config, xp)
+        else:
+            for name in progress(list(factors), f"stage 3 ({compensation} compensation)"):
+                index, W, A, B = factors[name]
+                _, C = _layer_metric(name, W, load_stats(name), config, xp, dtype)
+                P0, Q0 = compensate.init_residual(W.shape[0], W.shape[1], q, config.seed, index, xp, dtype)
+                P, Q, history = compensate.compensate(W, A, B, P0, Q0, C, steps=config.steps, lr=config.lr, xp=xp)
+                residuals[name] = (P, Q, {"loss_stage1": float(history[0]), "loss_stage3": float(history.min())})
+
+    for name, (index, W, A, B) in factors.items():
+        stored = tensors[name + ".weight"].dtype
+        del out[name + ".weight"]
+        out[name + ".lowrank_a"] = to_host(A).astype(stored)
+        out[name + ".lowrank_b"] = to_host(B).astype(stored)
+        entry = layers[index]
+        if name in residuals:
+            P, Q, info = residuals[name]
+            out[name + ".residual_p"] = to_host(P).astype(stored)
+            out[name + ".residual_q"] = to_host(Q).astype(stored)
+            entry["residual_rank"] = q
+            entry["nmse_stage3"] = info["loss_stage3"]
+            entry.update({k: v for k, v in info.items() if k not in ("loss_stage3",)})
+
+    p_after = count_params(out)
+    report = {
+        "config": {**config.to_json(), "compensation": compensation, "residual_rank": q},
+        "layers": layers,
+        "totals": {
+            "params_before": p_total,
+            "params_after": p_after,
+            "budget": budget,
+            "reduction_target": None if config.rank is not None else config.reduction,
+            "reduction_achieved": 1 - p_after / p_total,
+            "selected_params_before": sum(e["params_before"] for e in layers),
+            "selected_params_after": sum(e["params_after"] for e in layers),
+            "layers_selected": len(layers),
+            "layers_factored": len(factors),
+        },
+    }
+    return out, report

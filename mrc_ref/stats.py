@@ -1,0 +1,149 @@
+"""Statistics of a layer's inputs: streamed accumulation, validation, and
+the metric ``C`` of each named statistic (METHOD.md, Stage 1).
+
+All functions are pure over arrays of the module ``xp``.
+"""
+
+from .errors import MrcError
+
+#: Relative tolerance of the symmetry check, ``max|C - Cᵀ| <= tol * max|C|``;
+#: loose enough for Grams summed and stored in float32.
+SYMMETRY_RTOL = 1e-5
+
+
+def accumulate_gram(chunks, xp, dtype=None):
+    """Accumulate the Gram, sum and row count of token rows, one chunk at a time.
+
+    ``C = Σ_t x_t x_tᵀ``, ``s = Σ_t x_t``, ``rows = N_tok``; memory is that of
+    one chunk plus the ``n × n`` accumulator, whatever the number of rows.
+
+    Parameters
+    ----------
+    chunks : iterable of array, each (rows_k, n)
+        Token rows (any array type ``xp.asarray`` accepts, e.g. HDF5 slices).
+    xp : module
+        Array module.
+    dtype : dtype, optional
+        Accumulation dtype, float64 by default.
+
+    Returns
+    -------
+    dict
+        ``gram`` (n, n), ``sum`` (n,), ``rows`` (int).
+    """
+    dtype = dtype or xp.float64
+    gram = total = None
+    rows = 0
+    for chunk in chunks:
+        x = xp.asarray(chunk, dtype=dtype)
+        if x.ndim != 2:
+            raise MrcError(f"token rows must be 2-D, got shape {tuple(x.shape)}")
+        if gram is None:
+            gram = xp.zeros((x.shape[1], x.shape[1]), dtype=dtype)
+            total = xp.zeros(x.shape[1], dtype=dtype)
+        gram += x.T @ x
+        total += x.sum(axis=0)
+        rows += x.shape[0]
+    if gram is None:
+        raise MrcError("no token rows to accumulate")
+    return {"gram": gram, "sum": total, "rows": rows}
+
+
+def _check_matrix(c, n, what, xp):
+    if tuple(c.shape) != (n, n):
+        raise MrcError(f"{what} has shape {tuple(c.shape)}, expected ({n}, {n}) from the weight's input size")
+    if not bool(xp.isfinite(c).all()):
+        raise MrcError(f"{what} contains NaN or Inf")
+    scale = float(xp.abs(c).max())
+    if scale == 0.0:
+        raise MrcError(f"{what} is all zero")
+    if float(xp.abs(c - c.T).max()) > SYMMETRY_RTOL * scale:
+        raise MrcError(f"{what} is not symmetric")
+    if float(xp.diagonal(c).min()) < 0:
+        raise MrcError(f"{what} has a negative diagonal entry, so it is not positive semi-definite")
+    return (c + c.T) / 2
+
+
+def validate(stats, n, xp, dtype=None, need_normalized=False):
+    """Check one layer's raw statistics and return them on ``xp`` in ``dtype``.
+
+    Checks: ``gram`` is ``n × n``, finite, symmetric (``SYMMETRY_RTOL``), not
+    all zero, with a non-negative diagonal; ``sum`` has ``n`` finite entries;
+    ``rows > 0``; the same for ``gram_normalized`` when present or needed.
+    Positive semi-definiteness is checked on the spectrum Stage 1 computes
+    (:func:`mrc_ref.svd.output_basis`).
+
+    Returns
+    -------
+    dict
+        ``gram`` (n, n) symmetrized, ``sum`` (n,), ``rows``, ``gram_normalized``
+        (n, n) or ``None``.
+
+    Raises
+    ------
+    MrcError
+        Naming the problem; the caller adds file and layer.
+    """
+    dtype = dtype or xp.float64
+    rows = int(stats["rows"])
+    if rows <= 0:
+        raise MrcError(f"rows is {rows}, must be positive")
+    gram = _check_matrix(xp.asarray(stats["gram"], dtype=dtype), n, "gram", xp)
+    total = xp.asarray(stats["sum"], dtype=dtype)
+    if tuple(total.shape) != (n,):
+        raise MrcError(f"sum has shape {tuple(total.shape)}, expected ({n},)")
+    if not bool(xp.isfinite(total).all()):
+        raise MrcError("sum contains NaN or Inf")
+    normalized = stats.get("gram_normalized")
+    if normalized is not None:
+        normalized = _check_matrix(xp.asarray(normalized, dtype=dtype), n, "gram_normalized", xp)
+    elif need_normalized:
+        raise MrcError("statistic 'per-image' needs 'gram_normalized', which the activations file lacks")
+    return {"gram": gram, "sum": total, "rows": rows, "gram_normalized": normalized}
+
+
+def metric_gram(stats, n, xp):
+    """``gram``: the token Gram ``C = Σ_t x_t x_tᵀ`` (METHOD.md default)."""
+    return stats["gram"]
+
+
+def metric_per_image(stats, n, xp):
+    """``per-image``: ``C_norm = (1/N_img) Σ_i X_iᵀ X_i / ‖X_i Wᵀ‖²_F``, stored
+    as ``gram_normalized`` by the capture (it needs the layer's weight)."""
+    return stats["gram_normalized"]
+
+
+def metric_mean_input(stats, n, xp):
+    """``mean-input``: the rank-one metric ``x̄ x̄ᵀ`` with ``x̄ = Σ_t x_t / N_tok``."""
+    mean = stats["sum"] / stats["rows"]
+    return xp.outer(mean, mean)
+
+
+def metric_weight(stats, n, xp):
+    """``weight``: ``C = I``, plain SVD of ``W`` (the baseline)."""
+    return xp.eye(n, dtype=stats["gram"].dtype)
+
+
+#: Statistic name -> function ``(validated stats, n, xp) -> C (n, n)``.
+STATISTICS = {
+    "gram": metric_gram,
+    "per-image": metric_per_image,
+    "mean-input": metric_mean_input,
+    "weight": metric_weight,
+}
+
+
+def metric(name, stats, n, xp):
+    """Return the metric ``C`` (n, n) of the statistic ``name``.
+
+    Parameters
+    ----------
+    name : {"gram", "per-image", "mean-input", "weight"}
+    stats : dict
+        Validated statistics (:func:`validate`).
+    """
+    try:
+        fn = STATISTICS[name]
+    except KeyError:
+        raise MrcError(f"unknown statistic {name!r}; expected one of {', '.join(STATISTICS)}") from None
+    return fn(stats, n, xp)
