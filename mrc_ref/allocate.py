@@ -60,7 +60,7 @@ def check_budget(shapes, q, fixed, budget):
         )
 
 
-def greedy(nmse, shapes, q, fixed, budget, step=1):
+def greedy(nmse, shapes, q, fixed, budget, step=1, entry="break-even"):
     """Greedy mixed-rank allocation.
 
     Start with every layer dense; repeatedly lower the rank of the layer whose
@@ -69,8 +69,17 @@ def greedy(nmse, shapes, q, fixed, budget, step=1):
         score_l = (NMSE_l(r_new) − NMSE_l(r)) / (params_l(r) − params_l(r_new)),
 
     where the first step of a dense layer goes to ``r_max − step`` and saves
-    ``m n − (r_max − step + q)(m + n)`` at once. Stop as soon as the total is at
-    or under ``budget``. Ties break by layer order (deterministic).
+    ``m n − (r_max − step + q)(m + n)`` at once (``entry="break-even"``, as in
+    METHOD.md). Stop as soon as the total is at or under ``budget``. Ties break
+    by layer order (deterministic).
+
+    With ``entry="hull"`` **[choice]** the first step of a dense layer goes to
+    the rank ``r*`` of least ``NMSE_l(r) / (m n − (r + q)(m + n))`` over all
+    ``r < r_max`` on the step grid: the slope of the lower convex hull of the
+    layer's (parameters, error) points. Each layer's factored curve is convex
+    (descending spectrum), so this greedy walks the convex hulls, and the state
+    before its last step is optimal for its own size: its error exceeds the
+    optimum by at most the loss of that last step.
 
     Parameters
     ----------
@@ -85,6 +94,8 @@ def greedy(nmse, shapes, q, fixed, budget, step=1):
         Target ``P* = (1 − reduction) P_total``.
     step : int
         Ranks removed per step (``k``; default 1).
+    entry : {"break-even", "hull"}
+        How a dense layer's first step is chosen (see above).
 
     Returns
     -------
@@ -93,6 +104,8 @@ def greedy(nmse, shapes, q, fixed, budget, step=1):
     """
     if step < 1:
         raise MrcError(f"rank step must be ≥ 1, got {step}")
+    if entry not in ("break-even", "hull"):
+        raise MrcError(f"unknown greedy entry {entry!r}; expected 'break-even' or 'hull'")
     check_budget(shapes, q, fixed, budget)
     ranks = [None] * len(shapes)
     total = total_params(shapes, ranks, q, fixed)
@@ -104,7 +117,10 @@ def greedy(nmse, shapes, q, fixed, budget, step=1):
         if r is None:
             if not compressible(shapes[l : l + 1], q)[0]:
                 return
-            new = max(1, break_even_rank(m, n, q) - step)
+            top = break_even_rank(m, n, q) - step
+            grid = range(max(1, top), 0, -step) if entry == "hull" else [max(1, top)]
+            # least error per parameter saved; ties go to the larger rank
+            new = min(grid, key=lambda c: (float(nmse[l][c]) / (m * n - layer_params(m, n, c, q)), -c))
             lost = float(nmse[l][new])
         elif r > 1:
             new = max(1, r - step)
@@ -193,13 +209,13 @@ def fixed_rank(shapes, q, rank):
 
 
 #: Allocation name -> rule; each returns a rank (or None) per layer.
-ALLOCATIONS = ("greedy", "threshold", "uniform")
+ALLOCATIONS = ("greedy", "greedy-hull", "threshold", "uniform")
 
 
 def allocate(name, nmse, shapes, q, fixed, budget, step=1):
     """Dispatch to the allocation rule ``name`` (see :data:`ALLOCATIONS`)."""
-    if name == "greedy":
-        return greedy(nmse, shapes, q, fixed, budget, step)
+    if name in ("greedy", "greedy-hull"):
+        return greedy(nmse, shapes, q, fixed, budget, step, entry="hull" if name == "greedy-hull" else "break-even")
     if name == "threshold":
         return threshold(nmse, shapes, q, fixed, budget)
     if name == "uniform":

@@ -29,7 +29,7 @@ def build_parser():
                    help="comma-separated glob patterns of layer names (default: %(default)s)")
     p.add_argument("--statistic", default=d.statistic, choices=["gram", "per-image", "mean-input", "weight"],
                    help="metric of Stage 1 (default: %(default)s)")
-    p.add_argument("--allocation", default=d.allocation, choices=["greedy", "threshold", "uniform"],
+    p.add_argument("--allocation", default=d.allocation, choices=["greedy", "greedy-hull", "threshold", "uniform"],
                    help="rank allocation rule of Stage 2 (default: %(default)s)")
     p.add_argument("--reduction", type=float, default=d.reduction,
                    help="fraction of the model's stored parameters to remove (default: %(default)s)")

@@ -1,0 +1,198 @@
+"""Stage 2 against exact optima (brute force and dynamic programming)."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from mrc_ref import allocate as al
+from mrc_ref.errors import MrcError
+
+#: Regression bound on the relative gap (greedy − optimum) / optimum of the
+#: METHOD.md greedy (break-even entry) on the seeded ViT-like suite below. It
+#: is NOT a guarantee: the break-even first step makes each layer's
+#: (parameters, error) curve non-convex, and the myopic greedy then leaves
+#: layers dense too long. Measured worst: 0.99 (see the closing note).
+GREEDY_REL_GAP_BOUND = 1.5
+
+
+def curve_from(s2):
+    tail = np.concatenate([np.cumsum(s2[::-1])[::-1], [0.0]])
+    return tail / tail[0]
+
+
+def tiny_problem(seed):
+    rng = np.random.default_rng(seed)
+    shapes = [tuple(int(x) for x in rng.integers(6, 20, size=2)) for _ in range(int(rng.integers(2, 5)))]
+    curves = []
+    for m, n in shapes:
+        k = min(m, n)
+        s2 = np.sort(rng.exponential(size=k) * np.exp(-np.arange(k) * rng.uniform(0.05, 1)))[::-1]
+        curves.append(curve_from(s2))
+    return shapes, curves, int(rng.integers(0, 3)), int(rng.integers(0, 200))
+
+
+def vit_problem(seed):
+    """Block linears of a small ViT (qkv, proj, fc1, fc2) with decaying spectra."""
+    rng = np.random.default_rng(seed)
+    d = int(rng.choice([64, 96]))
+    shapes = [s for _ in range(int(rng.integers(2, 4))) for s in ((3 * d, d), (d, d), (4 * d, d), (d, 4 * d))]
+    curves = []
+    for m, n in shapes:
+        k = min(m, n)
+        s2 = np.exp(-np.arange(k) / (k * rng.uniform(0.05, 0.4))) * rng.uniform(0.5, 1.5, size=k)
+        curves.append(curve_from(np.sort(s2)[::-1]))
+    return shapes, curves, int(rng.choice([0, 4, 8])), int(rng.integers(0, 5000))
+
+
+def options(shapes, q):
+    return [[None] + list(range(1, al.break_even_rank(m, n, q))) for m, n in shapes]
+
+
+def error_of(curves, ranks):
+    return sum(0.0 if r is None else float(c[r]) for c, r in zip(curves, ranks))
+
+
+def brute_force(curves, shapes, q, fixed, budget):
+    """Minimum of Σ NMSE_l(r_l) over every rank combination within budget."""
+    best = np.inf
+    for ranks in itertools.product(*options(shapes, q)):
+        if al.total_params(shapes, ranks, q, fixed) <= budget:
+            best = min(best, error_of(curves, ranks))
+    return best
+
+
+def dynamic_programming(curves, shapes, q, fixed, budget):
+    """Exact minimum by DP over layers and parameters used (numpy over the
+    parameter axis): best[p] = least error with exactly p parameters."""
+    cap = budget - fixed
+    best = np.full(cap + 1, np.inf)
+    best[0] = 0.0
+    for c, (m, n), opts in zip(curves, shapes, options(shapes, q)):
+        new = np.full(cap + 1, np.inf)
+        for r in opts:
+            cost = al.layer_params(m, n, r, q)
+            if cost <= cap:
+                np.minimum(new[cost:], best[: cap + 1 - cost] + (0.0 if r is None else c[r]), out=new[cost:])
+        best = new
+    return float(best.min())
+
+
+def budgets(shapes, q, fixed, fractions=(0.05, 0.2, 0.4, 0.6, 0.8, 0.95)):
+    lo = al.min_params(shapes, q, fixed)
+    hi = al.total_params(shapes, [None] * len(shapes), q, fixed)
+    return [int(lo + f * (hi - lo)) for f in fractions]
+
+
+TINY = [p for p in map(tiny_problem, range(120)) if any(al.compressible(p[0], p[2]))]
+
+
+def test_dp_agrees_with_brute_force():
+    for shapes, curves, q, fixed in TINY[:40]:
+        for b in budgets(shapes, q, fixed, (0.1, 0.5, 0.9)):
+            assert dynamic_programming(curves, shapes, q, fixed, b) == pytest.approx(
+                brute_force(curves, shapes, q, fixed, b), abs=1e-12)
+
+
+@pytest.mark.parametrize("name", al.ALLOCATIONS)
+def test_every_rule_meets_the_budget(name):
+    for shapes, curves, q, fixed in TINY:
+        for b in budgets(shapes, q, fixed):
+            ranks = al.allocate(name, curves, shapes, q, fixed, b)
+            assert al.total_params(shapes, ranks, q, fixed) <= b
+            for r, (m, n) in zip(ranks, shapes):
+                assert r is None or 1 <= r < al.break_even_rank(m, n, q)
+            assert error_of(curves, ranks) >= brute_force(curves, shapes, q, fixed, b) - 1e-12
+
+
+def test_hull_greedy_is_optimal_at_its_own_size(record_property):
+    """The hull greedy walks the convex hulls, so its result is a Lagrangian
+    minimiser: exactly optimal for the budget equal to its own size."""
+    worst = 0.0
+    for shapes, curves, q, fixed in TINY:
+        for b in budgets(shapes, q, fixed):
+            ranks = al.greedy(curves, shapes, q, fixed, b, entry="hull")
+            own = al.total_params(shapes, ranks, q, fixed)
+            assert error_of(curves, ranks) == pytest.approx(brute_force(curves, shapes, q, fixed, own), abs=1e-12)
+            worst = max(worst, error_of(curves, ranks) - brute_force(curves, shapes, q, fixed, b))
+    record_property("hull_greedy_worst_gap_tiny", worst)
+
+
+@pytest.mark.slow
+def test_greedy_gap_on_vit_like_problems(record_property):
+    """Records both greedies' gaps to the DP optimum; the hull greedy must be
+    optimal at its own size, the METHOD greedy within the regression bound."""
+    worst = {"break-even": 0.0, "hull": 0.0}
+    for seed in range(6):
+        shapes, curves, q, fixed = vit_problem(seed)
+        total = fixed + sum(m * n for m, n in shapes)
+        for reduction in (0.3, 0.5, 0.6):
+            b = int((1 - reduction) * total)
+            if b < al.min_params(shapes, q, fixed):
+                continue
+            opt = dynamic_programming(curves, shapes, q, fixed, b)
+            for entry in worst:
+                ranks = al.greedy(curves, shapes, q, fixed, b, entry=entry)
+                assert al.total_params(shapes, ranks, q, fixed) <= b
+                err = error_of(curves, ranks)
+                assert err >= opt - 1e-12
+                worst[entry] = max(worst[entry], (err - opt) / opt)
+                if entry == "hull":
+                    own = al.total_params(shapes, ranks, q, fixed)
+                    assert err == pytest.approx(dynamic_programming(curves, shapes, q, fixed, own), abs=1e-10)
+    record_property("greedy_worst_relative_gap", worst)
+    print("worst relative gap to the optimum:", worst)
+    assert worst["break-even"] <= GREEDY_REL_GAP_BOUND
+
+
+def test_greedy_follows_the_method_rule_on_a_hand_case():
+    """Two 8×8 layers, q = 0, r_max = 4: entry to rank 3 loses the tail
+    (1.9 / 15.9 for a, 1.8 / 15.8 for b); then the smaller normalized loss
+    per parameter goes first."""
+    shapes = [(8, 8), (8, 8)]
+    a = curve_from(np.array([8.0, 4, 2, 1, 0.5, 0.25, 0.1, 0.05]))
+    b = curve_from(np.array([8.0, 4, 2, 0.9, 0.5, 0.25, 0.1, 0.05]))
+    # dense 64+64; entry saves 64 − 48 = 16 each; a step saves 16
+    assert al.greedy([a, b], shapes, 0, 0, 128 - 16) == [None, 3]  # b loses less at entry
+    assert al.greedy([a, b], shapes, 0, 0, 128 - 32) == [3, 3]
+    # next step loses σ²₃ / Σσ² = 2 / 15.9 for a and 2 / 15.8 for b: a goes first
+    assert al.greedy([a, b], shapes, 0, 0, 128 - 48) == [2, 3]
+
+def test_ties_break_by_layer_order():
+    shapes = [(8, 8)] * 3
+    c = curve_from(np.array([8.0, 4, 2, 1, 0.5, 0.25, 0.1, 0.05]))
+    assert al.greedy([c, c, c], shapes, 0, 0, 3 * 64 - 16) == [3, None, None]
+    assert al.greedy([c, c, c], shapes, 0, 0, 3 * 64 - 32) == [3, 3, None]
+
+
+def test_threshold_and_uniform_are_the_largest_feasible():
+    for shapes, curves, q, fixed in TINY[:30]:
+        for b in budgets(shapes, q, fixed):
+            ranks = al.uniform(shapes, q, fixed, b)
+            # brute force over a fine grid of ratios: none feasible gives more parameters
+            best = 0
+            for rho in np.linspace(0, 1, 2001):
+                cand = [None if max(1, int(np.floor(rho * min(m, n) + 1e-12))) >= al.break_even_rank(m, n, q)
+                        else max(1, int(np.floor(rho * min(m, n) + 1e-12))) for m, n in shapes]
+                p = al.total_params(shapes, cand, q, fixed)
+                if p <= b:
+                    best = max(best, p)
+            assert al.total_params(shapes, ranks, q, fixed) >= best
+
+
+def test_infeasible_budget_names_the_smallest_size():
+    shapes = [(8, 8), (16, 8)]
+    floor = al.min_params(shapes, 0, 10)
+    assert floor == 10 + 16 + 24
+    with pytest.raises(MrcError, match=f"smallest reachable size is {floor}"):
+        al.greedy([curve_from(np.ones(8))] * 2, shapes, 0, 10, floor - 1)
+    with pytest.raises(MrcError, match="no selected layer can be compressed"):
+        al.uniform(shapes, 4, 10, 1000)
+
+
+def test_fixed_rank_range():
+    assert al.fixed_rank([(8, 8)], 2, 6) == [6]
+    with pytest.raises(MrcError, match="out of range"):
+        al.fixed_rank([(8, 8)], 2, 7)
+    with pytest.raises(MrcError, match="out of range"):
+        al.fixed_rank([(8, 8)], 0, 0)
