@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 from . import formats, pipeline
 from .backend import get_xp
@@ -61,7 +60,8 @@ def progress_bar(quiet):
     """A ``progress(iterable, desc)`` wrapper printing tqdm bars on stderr."""
     from tqdm import tqdm
 
-    return lambda it, desc: tqdm(it, desc=desc, disable=quiet, file=sys.stderr, leave=False)
+    # disable=None: bars only on a terminal, so a failing run's stderr stays one line
+    return lambda it, desc: tqdm(it, desc=desc, disable=True if quiet else None, file=sys.stderr, leave=False)
 
 
 def summary(report):
@@ -92,8 +92,11 @@ def compress_files(weights, acts, output, config, *, report_path=None, quiet=Tru
     """
     inputs = (weights, acts)
     for out in (output, report_path):  # refuse before any work is done
-        if out is not None and os.path.exists(out) and any(
-                os.path.exists(i) and os.path.samefile(out, i) for i in inputs):
+        if out is None:
+            continue
+        if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+            raise MrcError("output directory does not exist", file=out)
+        if os.path.exists(out) and any(os.path.exists(i) and os.path.samefile(out, i) for i in inputs):
             raise MrcError("output would overwrite an input file", file=out)
     pipeline.check_config(config)
     xp = get_xp(config.device)
@@ -124,7 +127,7 @@ def main(argv=None):
                 raise MrcError("--example takes no input files")
             from data_tools.example_data import example_paths
 
-            args.weights, args.acts = example_paths(tempfile.mkdtemp(prefix="mrc_ref_example_"))
+            args.weights, args.acts = example_paths()
             args.output = args.output or "example.compressed.safetensors"
         elif not (args.weights and args.acts):
             parser.error("the weights and acts files are required (or --example)")

@@ -36,6 +36,9 @@ def atomic_path(path, inputs=()):
         raise MrcError("output directory does not exist", file=path)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
     try:
         yield tmp
         os.replace(tmp, path)
@@ -79,13 +82,26 @@ def read_safetensors(path):
     return {k: tensors[k] for k in order}, dict(metadata)
 
 
+def _sorted_metadata(blob):
+    """Rewrite the header with its metadata keys sorted: ``safetensors`` writes
+    them in a per-process random order, which would make outputs differ."""
+    (hlen,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + hlen])
+    if "__metadata__" not in header:
+        return blob
+    header = {"__metadata__": dict(sorted(header.pop("__metadata__").items())), **header}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + blob[8 + hlen :]
+
+
 def write_safetensors(path, tensors, metadata=None, inputs=()):
     """Write ``tensors`` (host arrays) with string ``metadata`` atomically."""
     from safetensors.numpy import save
 
-    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    tensors = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in tensors.items()}  # keeps 0-d
     meta = None if metadata is None else {str(k): str(v) for k, v in metadata.items()}
-    blob = save(tensors, metadata=meta)
+    blob = _sorted_metadata(save(tensors, metadata=meta))
     with atomic_path(path, inputs) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(blob)
@@ -151,7 +167,8 @@ def open_activations(path):
             raise MrcError(f"format attribute is {fmt!r}, expected {ACTS_FORMAT!r}", file=path)
         version = f.attrs.get("version")
         if version is None or int(version) != ACTS_VERSION:
-            raise MrcError(f"unsupported version {version!r}, expected {ACTS_VERSION}", file=path)
+            raise MrcError(f"unsupported version {getattr(version, 'item', lambda: version)()!r}, "
+                           f"expected {ACTS_VERSION}", file=path)
         if "layers" not in f:
             raise MrcError("no 'layers' group", file=path)
         yield f

@@ -39,7 +39,7 @@ class Config:
     residual_rank: int = 8
     compensation: str = "auto"
     steps: int = 500
-    lr: float = 1e-3
+    lr: float = 1e-2
     seed: int = 0
     dtype: str = "float64"
     device: str = "cpu"
@@ -158,7 +158,8 @@ def _run(tensors, load_stats, config, xp, progress, sequential, files):
     if compensation == "auto":
         compensation = "sequential" if sequential is not None else "local"
     if compensation == "sequential" and sequential is None:
-        raise MrcError("--compensation sequential needs proxy tokens ('proxy/tokens' in the activations file)")
+        raise MrcError("--compensation sequential needs proxy tokens ('proxy/tokens' in the activations file)",
+                       file=files[1])
     q = 0 if compensation == "none" else config.residual_rank
     names = select_layers(tensors, config.layers)
     shapes = [tuple(int(s) for s in tensors[n + ".weight"].shape) for n in names]

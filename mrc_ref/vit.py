@@ -34,7 +34,6 @@ LN_EPS = 1e-6
 HEAD_SIZE = 64
 BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 HEAD_LINEARS = ("head", "head_dist")
-FACTOR_SUFFIXES = ("lowrank_a", "lowrank_b", "residual_p", "residual_q")
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -424,7 +423,7 @@ def block(params, index, h, num_heads, xp, hook=None):
     xp : module
     hook : callable, optional
         ``hook(name, x)`` with the input ``x`` (N, T, n) of each linear
-        layer, before it is applied.
+        layer, before it is applied. It must not modify ``x``.
 
     Returns
     -------
@@ -459,7 +458,7 @@ def head(params, h, xp, hook=None):
     -------
     xp array, shape (N, K)
     """
-    z = layer_norm(params, "norm", h, xp)
+    z = layer_norm(params, "norm", h[:, :2], xp)  # per token: only cls (and dist) are used
     if not has_linear(params, "head"):
         raise MrcError("missing: the model has no classifier head", layer="head")
     cls = z[:, 0]

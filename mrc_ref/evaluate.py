@@ -1,0 +1,98 @@
+"""``python -m mrc_ref.evaluate weights.safetensors IMAGES [--reference ORIGINAL]``
+
+Evaluate a dense or compressed ViT on an image folder: top-1/top-5 accuracy
+when the folder has class sub-folders, and agreement with a reference model
+(top-1 agreement, mean KL, output NMSE) when ``--reference`` is given.
+"""
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from . import formats, metrics, vit
+from .backend import get_dtype, get_xp, to_host
+from .errors import MrcError
+
+
+def model_logits(weights, images, *, num_heads=None, batch_size=64, limit=None, crop_pct=0.875,
+                 device="cpu", dtype="float64", quiet=True):
+    """Logits of the model in ``weights`` over the image folder ``images``.
+
+    Returns
+    -------
+    logits : ndarray (N, K) float64
+    labels : ndarray (N,) or None
+    """
+    from tqdm import tqdm
+
+    from data_tools.images import iter_batches, list_images, model_input_size
+
+    xp = get_xp(device)
+    tensors, metadata = formats.read_safetensors(weights)
+    try:
+        heads = vit.resolve_num_heads(tensors, num_heads, metadata)
+        params = vit.prepare(tensors, xp, get_dtype(dtype))
+        size = model_input_size(tensors)
+    except MrcError as err:
+        raise err.at(file=weights) from None
+    total = len(list_images(images)[0])
+    logits, labels = [], []
+    with tqdm(total=total if limit is None else min(total, limit), unit="img", file=sys.stderr,
+              disable=True if quiet else None, desc=f"evaluate {weights}", leave=False) as bar:
+        for batch, batch_labels, _ in iter_batches(images, batch_size, size=size, crop_pct=crop_pct, limit=limit):
+            try:
+                out = vit.forward(params, xp.asarray(batch), num_heads=heads, xp=xp, dtype=get_dtype(dtype))
+            except MrcError as err:
+                raise err.at(file=weights) from None
+            logits.append(to_host(out).astype(np.float64))
+            if batch_labels is not None:
+                labels.append(batch_labels)
+            bar.update(len(batch))
+    return np.concatenate(logits), (np.concatenate(labels) if labels else None)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m mrc_ref.evaluate", description=__doc__.splitlines()[2])
+    p.add_argument("weights", help="model weights, dense or compressed (safetensors)")
+    p.add_argument("images", metavar="IMAGES", help="image folder (class sub-folders, or flat)")
+    p.add_argument("--reference", help="original model to compare the outputs with")
+    p.add_argument("--images", dest="limit", type=int, help="use the first N images")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--crop-pct", type=float, default=0.875)
+    p.add_argument("--num-heads", type=int)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float64", choices=["float64", "float32"])
+    p.add_argument("--save-logits", help="write the logits (and labels) to this .npz")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    try:
+        if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+            raise MrcError("--batch-size and --images must be positive")
+        kw = dict(num_heads=args.num_heads, batch_size=args.batch_size, limit=args.limit, crop_pct=args.crop_pct,
+                  device=args.device, dtype=args.dtype, quiet=args.quiet)
+        logits, labels = model_logits(args.weights, args.images, **kw)
+        reference = None
+        if args.reference:
+            reference, _ = model_logits(args.reference, args.images, **kw)
+        result = metrics.summarize(logits, labels, reference)
+        if args.save_logits:
+            arrays = {"logits": logits} | ({} if labels is None else {"labels": labels})
+            with formats.atomic_path(args.save_logits, (args.weights, args.reference)) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.savez(fh, **arrays)
+    except MrcError as err:
+        print(f"{p.prog}: error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>15}: {value:.4f}" if isinstance(value, float) else f"{key:>15}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

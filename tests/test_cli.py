@@ -1,0 +1,477 @@
+"""``python -m mrc_ref.compress`` end to end on the synthetic model
+(docs/cli.md): successful runs and their outputs, then one test per kind of
+bad input (exit code 2, one line on stderr naming file and layer, inputs
+unchanged, nothing written)."""
+
+import json
+import math
+import os
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
+from mrc_ref import allocate, stats
+
+STEPS = "20"  # Adam steps per layer: enough to move, small enough to be fast
+SELECTED = [f"blocks.{b}.{k}" for b in range(2) for k in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+LAYER_FIELDS = {"name", "shape", "statistic", "rank", "residual_rank", "params_before", "params_after",
+                "nmse_stage1", "nmse_stage3"}
+TOTAL_FIELDS = {"params_before", "params_after", "budget", "reduction_target", "reduction_achieved",
+                "layers_selected", "layers_factored"}
+
+
+def budget_of(weights, reduction, stored_params):
+    """``⌊(1 − reduction) P_total⌋`` with ``P_total`` counted from the file."""
+    return math.floor((1 - reduction) * stored_params(weights))
+
+
+def factor_ranks(path):
+    """``{layer: (r, q)}`` read from the factor tensors of an output file."""
+    t = load_file(path)
+    return {k[: -len(".lowrank_a")]: (v.shape[1], t[k[: -len(".lowrank_a")] + ".residual_p"].shape[1]
+                                      if k[: -len(".lowrank_a")] + ".residual_p" in t else 0)
+            for k, v in t.items() if k.endswith(".lowrank_a")}
+
+
+def check_ok(proc):
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def run_ok(run_cli, weights, acts, out, *args):
+    proc = run_cli(weights, acts, "-o", out, "--steps", STEPS, "--quiet", *args)
+    check_ok(proc)
+    assert os.path.isfile(out)
+    return proc
+
+
+# ------------------------------------------------------------------ the default run
+@pytest.fixture(scope="module")
+def default_run(synthetic_model, run_cli, snapshot, tmp_path_factory):
+    weights, acts = synthetic_model
+    inputs_before = snapshot(os.path.dirname(weights))
+    d = tmp_path_factory.mktemp("default_run")
+    out, report = str(d / "out.safetensors"), str(d / "report.json")
+    proc = run_cli(weights, acts, "-o", out, "--report", report, "--steps", STEPS, "--quiet")
+    return {"proc": proc, "out": out, "report": report, "dir": str(d), "weights": weights, "acts": acts,
+            "inputs_before": inputs_before, "inputs_after": snapshot(os.path.dirname(weights))}
+
+
+def test_default_run_succeeds(default_run):
+    check_ok(default_run["proc"])
+    assert os.path.isfile(default_run["out"]) and os.path.isfile(default_run["report"])
+    # Nothing else left in the output directory (no temporary files).
+    assert sorted(os.listdir(default_run["dir"])) == ["out.safetensors", "report.json"]
+
+
+def test_default_run_leaves_inputs_unchanged(default_run):
+    assert default_run["inputs_after"] == default_run["inputs_before"]
+
+
+def test_report_fields(default_run, stored_params, read_header):
+    with open(default_run["report"]) as fh:
+        report = json.load(fh)
+    assert {"config", "layers", "totals"} <= set(report)
+    assert [e["name"] for e in report["layers"]] == SELECTED
+    header = read_header(default_run["weights"])[0]
+    ranks = factor_ranks(default_run["out"])
+    for e in report["layers"]:
+        assert LAYER_FIELDS <= set(e), e["name"]
+        m, n = header[e["name"] + ".weight"]["shape"]
+        assert e["shape"] == [m, n]
+        assert e["statistic"] == "gram"
+        assert e["params_before"] == m * n
+        if e["rank"] is None:
+            assert e["params_after"] == m * n and e["name"] not in ranks
+        else:
+            assert ranks[e["name"]] == (e["rank"], e["residual_rank"])
+            assert e["params_after"] == (e["rank"] + e["residual_rank"]) * (m + n)
+            assert e["params_after"] < m * n
+        assert 0 <= e["nmse_stage3"] <= e["nmse_stage1"] <= 1
+    t = report["totals"]
+    assert TOTAL_FIELDS <= set(t)
+    assert t["params_before"] == stored_params(default_run["weights"])
+    assert t["params_after"] == stored_params(default_run["out"])
+    assert t["budget"] == budget_of(default_run["weights"], 0.6, stored_params)
+    assert t["reduction_target"] == 0.6
+    assert t["reduction_achieved"] == pytest.approx(1 - t["params_after"] / t["params_before"])
+    assert t["layers_selected"] == len(SELECTED)
+    assert t["layers_factored"] == len(ranks)
+    assert report["config"]["steps"] == int(STEPS) and report["config"]["compensation"] == "local"
+
+
+def test_parameters_within_budget(default_run, stored_params):
+    budget = budget_of(default_run["weights"], 0.6, stored_params)
+    assert stored_params(default_run["out"]) <= budget
+
+
+def test_summary_table_printed(default_run, stored_params):
+    out = default_run["proc"].stdout
+    assert "layer" in out and "rank" in out and "NMSE stage 1" in out and "NMSE stage 3" in out
+    for name in SELECTED:
+        assert name in out
+    before, after = stored_params(default_run["weights"]), stored_params(default_run["out"])
+    assert f"{before} -> {after}" in out
+    assert default_run["out"] in out and default_run["report"] in out  # "wrote ..."
+
+
+def test_metadata_matches_report(default_run):
+    with open(default_run["report"]) as fh:
+        report = json.load(fh)
+    with safe_open(default_run["out"], "np") as f:
+        meta = f.metadata()
+    assert meta["format"] == "mrc_ref.compressed" and meta["version"] == "1"
+    assert meta["num_heads"] == "4"
+    assert json.loads(meta["config"]) == report["config"]
+    assert json.loads(meta["ranks"]) == {e["name"]: e["rank"] for e in report["layers"]}
+    assert json.loads(meta["residual_ranks"]) == {e["name"]: e["residual_rank"] for e in report["layers"]}
+
+
+def test_deterministic(default_run, run_cli, tmp_path):
+    out, rep = str(tmp_path / "out.safetensors"), str(tmp_path / "report.json")
+    check_ok(run_cli(default_run["weights"], default_run["acts"], "-o", out, "--report", rep,
+                     "--steps", STEPS, "--quiet"))
+    with open(out, "rb") as a, open(default_run["out"], "rb") as b:
+        assert a.read() == b.read()
+    with open(rep) as a, open(default_run["report"]) as b:
+        assert a.read() == b.read()
+
+
+def test_seed_changes_residual(default_run, run_cli, tmp_path):
+    out = str(tmp_path / "out.safetensors")
+    run_ok(run_cli, default_run["weights"], default_run["acts"], out, "--seed", "1")
+    a, b = load_file(out), load_file(default_run["out"])
+    name = SELECTED[0]
+    np.testing.assert_array_equal(a[name + ".lowrank_a"], b[name + ".lowrank_a"])
+    assert not np.array_equal(a[name + ".residual_q"], b[name + ".residual_q"])
+
+
+def test_default_output_name(model_copy, run_cli, tmp_path):
+    weights, acts = model_copy
+    proc = run_cli(weights, acts, "--steps", "2", "--quiet", cwd=tmp_path)
+    check_ok(proc)
+    assert sorted(os.listdir(tmp_path)) == ["acts.h5", "weights.compressed.safetensors", "weights.safetensors"]
+
+
+def test_example_mode(run_cli, tmp_path):
+    proc = run_cli("--example", "--steps", "2", "--quiet", cwd=tmp_path)
+    check_ok(proc)
+    assert os.listdir(tmp_path) == ["example.compressed.safetensors"]
+    assert "parameters" in proc.stdout
+
+
+# ------------------------------------------------------------------ options
+# The rules the contract names, plus any variant the library adds later.
+ALLOCATIONS = ["greedy", "threshold", "uniform"] + [a for a in allocate.ALLOCATIONS
+                                                    if a not in ("greedy", "threshold", "uniform")]
+STATISTICS = ["gram", "per-image", "mean-input", "weight"] + [s for s in stats.STATISTICS
+                                                               if s not in ("gram", "per-image", "mean-input", "weight")]
+
+
+@pytest.mark.parametrize("allocation", ALLOCATIONS)
+def test_allocation_runs(synthetic_model, run_cli, tmp_path, stored_params, allocation):
+    weights, acts = synthetic_model
+    out, rep = str(tmp_path / "o.safetensors"), str(tmp_path / "r.json")
+    run_ok(run_cli, weights, acts, out, "--allocation", allocation, "--report", rep)
+    assert stored_params(out) <= budget_of(weights, 0.6, stored_params)
+    with open(rep) as fh:
+        assert json.load(fh)["config"]["allocation"] == allocation
+
+
+@pytest.mark.parametrize("statistic", STATISTICS)
+def test_statistic_runs(synthetic_model, run_cli, tmp_path, stored_params, statistic):
+    weights, acts = synthetic_model
+    out, rep = str(tmp_path / "o.safetensors"), str(tmp_path / "r.json")
+    run_ok(run_cli, weights, acts, out, "--statistic", statistic, "--report", rep, "--reduction", "0.5")
+    assert stored_params(out) <= budget_of(weights, 0.5, stored_params)
+    with open(rep) as fh:
+        report = json.load(fh)
+    assert report["config"]["statistic"] == statistic
+    assert {e["statistic"] for e in report["layers"]} == {statistic}
+
+
+def test_compensation_none_writes_no_residual(synthetic_model, run_cli, tmp_path, stored_params):
+    weights, acts = synthetic_model
+    out, rep = str(tmp_path / "o.safetensors"), str(tmp_path / "r.json")
+    run_ok(run_cli, weights, acts, out, "--compensation", "none", "--report", rep)
+    keys = list(load_file(out))
+    assert any(k.endswith(".lowrank_a") for k in keys)
+    assert not any(k.endswith((".residual_p", ".residual_q")) for k in keys)
+    with safe_open(out, "np") as f:
+        assert set(json.loads(f.metadata()["residual_ranks"]).values()) == {0}
+    with open(rep) as fh:
+        report = json.load(fh)
+    assert report["config"]["compensation"] == "none" and report["config"]["residual_rank"] == 0
+    for e in report["layers"]:
+        assert e["residual_rank"] == 0 and e["nmse_stage3"] == e["nmse_stage1"]
+    assert stored_params(out) <= budget_of(weights, 0.6, stored_params)
+
+
+def test_fixed_rank(synthetic_model, run_cli, tmp_path):
+    weights, acts = synthetic_model
+    out, rep = str(tmp_path / "o.safetensors"), str(tmp_path / "r.json")
+    run_ok(run_cli, weights, acts, out, "--rank", "5", "--report", rep)
+    assert factor_ranks(out) == {name: (5, 8) for name in SELECTED}
+    with safe_open(out, "np") as f:
+        assert json.loads(f.metadata()["ranks"]) == {name: 5 for name in SELECTED}
+    with open(rep) as fh:
+        assert json.load(fh)["totals"]["budget"] is None
+
+
+def test_layers_subset(synthetic_model, run_cli, tmp_path, raw_tensors):
+    weights, acts = synthetic_model
+    out = str(tmp_path / "o.safetensors")
+    run_ok(run_cli, weights, acts, out, "--layers", "blocks.0.*", "--reduction", "0.2")
+    assert set(factor_ranks(out)) <= {n for n in SELECTED if n.startswith("blocks.0.")}
+    before, after = raw_tensors(weights), raw_tensors(out)
+    for name in SELECTED[4:]:
+        assert after[name + ".weight"] == before[name + ".weight"]
+
+
+def test_float32_statistics_and_dtype(model_copy, run_cli, tmp_path, stored_params):
+    """Statistics stored in float32 (allowed by the contract) and float32 math."""
+    weights, acts = model_copy
+    with h5py.File(acts, "a") as f:
+        for g in f["layers"].values():
+            for key in ("gram", "sum", "gram_normalized"):
+                data = g[key][()].astype(np.float32)
+                del g[key]
+                g[key] = data
+    out = str(tmp_path / "o.safetensors")
+    run_ok(run_cli, weights, acts, out, "--dtype", "float32", "--rank-step", "3")
+    assert stored_params(out) <= budget_of(weights, 0.6, stored_params)
+
+
+def test_error_is_one_line_without_quiet(model_copy, run_cli, tmp_path):
+    """Without --quiet (the default) a failing run's stderr, read from a pipe,
+    is still the one error line: progress bars must not leave lines behind
+    when stderr is not a terminal."""
+    weights, acts = model_copy
+    with h5py.File(acts, "a") as f:
+        f["layers/blocks.1.mlp.fc1/gram"][0, 0] = np.nan
+    proc = run_cli(weights, acts, "-o", tmp_path / "o.safetensors")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert "blocks.1.mlp.fc1" in proc.stderr
+
+
+# ------------------------------------------------------------------ bad input
+def _edit_layer(acts, layer, fn):
+    with h5py.File(acts, "a") as f:
+        fn(f["layers"][layer])
+
+
+def _replace(group, key, value):
+    del group[key]
+    group[key] = value
+
+
+def _set(key, fn):
+    """Edit dataset ``key`` of a layer group with ``fn(array) -> array``."""
+    return lambda g: _replace(g, key, fn(g[key][()]))
+
+
+def _nan_00(a):
+    a = a.copy()
+    a[0, 0] = np.nan
+    return a
+
+
+def _inf_3(a):
+    a = a.copy()
+    a[3] = np.inf
+    return a
+
+
+def _asymmetric(a):
+    a = a.copy()
+    a[0, 1] += 0.1 * np.abs(a).max()
+    return a
+
+
+def _indefinite(a):
+    """Symmetric, positive diagonal, eigenvalue ≈ −10·max(diag) along e0 − e1."""
+    a = a.copy()
+    t = 10 * np.diag(a).max()
+    a[0, 1] += t
+    a[1, 0] += t
+    assert np.linalg.eigvalsh(a).min() < -t / 2 and np.diag(a).min() > 0
+    return a
+
+
+def _root_attr(acts, key, value):
+    with h5py.File(acts, "a") as f:
+        f.attrs[key] = value
+
+
+def _delete(acts, path):
+    with h5py.File(acts, "a") as f:
+        del f[path]
+
+
+def _write_text(path, text):
+    with open(path, "w") as fh:
+        fh.write(text)
+
+
+def _cut_half(path):
+    with open(path, "rb") as fh:
+        blob = fh.read()
+    with open(path, "wb") as fh:
+        fh.write(blob[: len(blob) // 2])
+
+
+def _random_bytes(path):
+    with open(path, "wb") as fh:
+        fh.write(np.random.default_rng(0).bytes(4096))
+
+
+def _nan_weight(weights, name):
+    with safe_open(weights, "np") as f:
+        meta = f.metadata()
+    t = load_file(weights)
+    t[name] = t[name].copy()
+    t[name][3, 4] = np.nan
+    save_file(t, weights, metadata=meta)
+
+
+def _smallest_size(weights, read_header, q=8):
+    """Every selected layer at rank 1 with residual rank ``q`` (each is
+    compressible at the default q), the rest as stored."""
+    header = read_header(weights)[0]
+    total = sum(int(np.prod(v["shape"])) for k, v in header.items() if k != "__metadata__")
+    for name in SELECTED:
+        m, n = header[name + ".weight"]["shape"]
+        assert (m * n) // (m + n) - q - 1 >= 1
+        total += (1 + q) * (m + n) - m * n
+    return total
+
+
+class Case:
+    """A bad input: ``setup(ctx)`` edits the copies and returns extra
+    arguments; ``file`` is the path the message must name (``"weights"``,
+    ``"acts"``, ``"out"``, ``"report"`` or ``None``); ``layer`` the layer it
+    must name; ``words`` further text it must contain."""
+
+    def __init__(self, setup, file=None, layer=None, words=()):
+        self.setup, self.file, self.layer, self.words = setup, file, layer, words
+
+
+L = "blocks.1.mlp.fc1"  # a layer in the middle of the forward order
+BAD = {
+    "weights-random-bytes": Case(lambda c: _random_bytes(c.weights), "weights"),
+    "weights-truncated": Case(lambda c: _cut_half(c.weights), "weights"),
+    "weights-missing": Case(lambda c: os.remove(c.weights), "weights"),
+    "weights-nan": Case(lambda c: _nan_weight(c.weights, "blocks.1.attn.qkv.weight"), "weights",
+                        "blocks.1.attn.qkv", ["nan"]),
+    "acts-truncated": Case(lambda c: _cut_half(c.acts), "acts"),
+    "acts-not-hdf5": Case(lambda c: _write_text(c.acts, "not an HDF5 file\n"), "acts"),
+    "acts-missing": Case(lambda c: os.remove(c.acts), "acts"),
+    "acts-wrong-format": Case(lambda c: _root_attr(c.acts, "format", "something.else"), "acts", None, ["format"]),
+    "acts-wrong-version": Case(lambda c: _root_attr(c.acts, "version", 2), "acts", None, ["version"]),
+    "layer-missing": Case(lambda c: _delete(c.acts, f"layers/{L}"), "acts", L),
+    "layer-no-sum": Case(lambda c: _delete(c.acts, f"layers/{L}/sum"), "acts", L, ["sum"]),
+    "gram-shape": Case(lambda c: _edit_layer(c.acts, "blocks.1.mlp.fc2", _set("gram", lambda a: a[:-1, :-1])),
+                       "acts", "blocks.1.mlp.fc2", ["shape"]),
+    "gram-asymmetric": Case(lambda c: _edit_layer(c.acts, L, _set("gram", _asymmetric)), "acts", L, ["symmetric"]),
+    "gram-nan": Case(lambda c: _edit_layer(c.acts, L, _set("gram", _nan_00)), "acts", L, ["nan"]),
+    "sum-inf": Case(lambda c: _edit_layer(c.acts, "blocks.1.attn.proj", _set("sum", _inf_3)),
+                    "acts", "blocks.1.attn.proj", ["sum", "inf"]),
+    "gram-zero": Case(lambda c: _edit_layer(c.acts, L, _set("gram", np.zeros_like)), "acts", L, ["zero"]),
+    "rows-zero": Case(lambda c: _edit_layer(c.acts, L, lambda g: g.attrs.__setitem__("rows", 0)),
+                      "acts", L, ["rows"]),
+    "rows-negative": Case(lambda c: _edit_layer(c.acts, L, lambda g: g.attrs.__setitem__("rows", -5)),
+                          "acts", L, ["rows"]),
+    "gram-not-psd": Case(lambda c: _edit_layer(c.acts, "blocks.0.mlp.fc2", _set("gram", _indefinite)),
+                         "acts", "blocks.0.mlp.fc2", ["semi-definite"]),
+    "gram-not-psd-tall": Case(lambda c: _edit_layer(c.acts, "blocks.0.attn.qkv", _set("gram", _indefinite)),
+                              "acts", "blocks.0.attn.qkv", ["semi-definite"]),
+    "per-image-without-normalized": Case(
+        lambda c: _delete(c.acts, "layers/blocks.1.attn.proj/gram_normalized") or ["--statistic", "per-image"],
+        "acts", "blocks.1.attn.proj", ["gram_normalized"]),
+    "sequential-without-proxy": Case(lambda c: ["--compensation", "sequential"], "acts", None, ["proxy"]),
+    "rank-zero": Case(lambda c: ["--rank", "0"], None, None, ["--rank"]),
+    "rank-too-large": Case(lambda c: ["--rank", "1000"], None, None, ["1000"]),
+    "residual-rank-negative": Case(lambda c: ["--residual-rank", "-1"], None, None, ["--residual-rank"]),
+    "residual-rank-too-large": Case(lambda c: ["--residual-rank", "100"], None, None, ["residual rank 100"]),
+    "reduction-infeasible": Case(lambda c: ["--reduction", "0.99"], None, None,
+                                 ["smallest reachable size", "{smallest}"]),
+    "reduction-above-one": Case(lambda c: ["--reduction", "1.5"], None, None, ["--reduction", "1.5"]),
+    "reduction-zero": Case(lambda c: ["--reduction", "0"], None, None, ["--reduction"]),
+    "rank-step-zero": Case(lambda c: ["--rank-step", "0"], None, None, ["--rank-step"]),
+    "steps-negative": Case(lambda c: ["--steps", "-1"], None, None, ["--steps"]),
+    "lr-zero": Case(lambda c: ["--lr", "0"], None, None, ["--lr"]),
+    "output-is-weights": Case(lambda c: c.set(out=c.weights), "weights", None, ["input"]),
+    "output-is-acts": Case(lambda c: c.set(out=c.acts), "acts", None, ["input"]),
+    "report-is-weights": Case(lambda c: c.set(report=c.weights), "weights", None, ["input"]),
+    "output-dir-missing": Case(lambda c: c.set(out=os.path.join(c.dir, "nowhere", "o.safetensors")), "out"),
+    "report-dir-missing": Case(lambda c: c.set(report=os.path.join(c.dir, "nowhere", "r.json")), "report"),
+    "layers-match-nothing": Case(lambda c: ["--layers", "nomatch.*"], None, None, ["nomatch"]),
+    "device-cuda": Case(lambda c: ["--device", "cuda"], None, None, ["cuda"]),
+}
+
+
+class Ctx:
+    def __init__(self, weights, acts):
+        self.weights, self.acts = weights, acts
+        self.dir = os.path.dirname(weights)
+        self.out = os.path.join(self.dir, "out.safetensors")
+        self.report = os.path.join(self.dir, "report.json")
+
+    def set(self, **kw):
+        for k, v in kw.items():
+            setattr(self, k, v)
+        return []
+
+
+def _gpu_available():
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_input(case, model_copy, run_cli, snapshot, read_header):
+    if case == "device-cuda" and _gpu_available():
+        pytest.skip("CuPy and a GPU are available: --device cuda is valid here")
+    spec = BAD[case]
+    ctx = Ctx(*model_copy)
+    smallest = _smallest_size(ctx.weights, read_header)
+    extra = spec.setup(ctx) or []
+    before = snapshot(ctx.dir)
+    proc = run_cli(ctx.weights, ctx.acts, "-o", ctx.out, "--report", ctx.report, "--steps", "2", "--quiet",
+                   *extra, cwd=ctx.dir)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    msg = lines[0]
+    if spec.file:
+        assert getattr(ctx, spec.file) in msg, msg
+    if spec.layer:
+        assert f"layer {spec.layer}" in msg, msg
+    for word in spec.words:
+        assert word.format(smallest=smallest).lower() in msg.lower(), msg
+    assert proc.stdout == ""
+    # Inputs unchanged (bytes and mtime), no output, no stray temporary file.
+    assert snapshot(ctx.dir) == before
+
+
+def test_smallest_size_is_exact(synthetic_model, run_cli, tmp_path, read_header, stored_params):
+    """The infeasibility message's number is reachable: a budget just above it works."""
+    weights, acts = synthetic_model
+    smallest = _smallest_size(weights, read_header)
+    total = stored_params(weights)
+    reduction = 1 - (smallest + 0.5) / total
+    assert math.floor((1 - reduction) * total) >= smallest
+    out = str(tmp_path / "o.safetensors")
+    run_ok(run_cli, weights, acts, out, "--reduction", repr(reduction), "--compensation", "local")
+    assert factor_ranks(out) == {name: (1, 8) for name in SELECTED}
+    assert stored_params(out) == smallest

@@ -1,0 +1,400 @@
+"""Tests of mrc_ref.vit: the ViT/DeiT forward pass.
+
+Oracles: Hugging Face ``transformers`` ViT/DeiT models (an independent
+implementation, float32), the dense weight ``A B + P Q`` for the compressed
+path, and explicit loops for the patch embedding and GELU.
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+from mrc_ref import vit
+from mrc_ref.errors import MrcError
+
+#: HF runs in float32, we in float64. Each float32 op has relative error
+#: <= 2**-24 ~ 6e-8; accumulated over a few blocks (sums of up to 4 D terms,
+#: softmax, LayerNorm) the observed error is ~1e-7 of the logit scale. We
+#: allow 2e-5 of the logit scale (max |logit|, at least 1): ~100x margin,
+#: still far below any real mistake (a wrong eps, tanh-GELU, head order,
+#: q/k/v order or token order gives errors > 1e-3 of the scale).
+HF_RTOL = 2e-5
+#: float64 compressed vs dense: only the association of the matmuls
+#: differs, so agreement is to a few float64 ulps times the depth.
+FACTOR_RTOL = 1e-10
+
+
+# ----------------------------------------------------------------- fixtures
+def random_params(rng, *, dim=32, depth=2, mlp=64, classes=5, patch=4, grid=3, dist=False, qkv_bias=True):
+    """A timm-layout ViT with random float64 weights of O(1) effect."""
+    p = {}
+
+    def lin(name, m, n, bias=True):
+        p[f"{name}.weight"] = rng.standard_normal((m, n)) / math.sqrt(n)
+        if bias:
+            p[f"{name}.bias"] = 0.1 * rng.standard_normal(m)
+
+    def norm(name):
+        p[f"{name}.weight"] = 1.0 + 0.2 * rng.standard_normal(dim)
+        p[f"{name}.bias"] = 0.2 * rng.standard_normal(dim)
+
+    p["patch_embed.proj.weight"] = rng.standard_normal((dim, 3, patch, patch)) / math.sqrt(3 * patch * patch)
+    p["patch_embed.proj.bias"] = 0.1 * rng.standard_normal(dim)
+    p["cls_token"] = rng.standard_normal((1, 1, dim))
+    if dist:
+        p["dist_token"] = rng.standard_normal((1, 1, dim))
+    p["pos_embed"] = rng.standard_normal((1, 1 + dist + grid * grid, dim))
+    for i in range(depth):
+        norm(f"blocks.{i}.norm1")
+        lin(f"blocks.{i}.attn.qkv", 3 * dim, dim, bias=qkv_bias)
+        lin(f"blocks.{i}.attn.proj", dim, dim)
+        norm(f"blocks.{i}.norm2")
+        lin(f"blocks.{i}.mlp.fc1", mlp, dim)
+        lin(f"blocks.{i}.mlp.fc2", dim, mlp)
+    norm("norm")
+    lin("head", classes, dim)
+    if dist:
+        lin("head_dist", classes, dim)
+    return p
+
+
+def compress(params, rng, names, rank=3, residual=2):
+    """Replace the weight of each layer in ``names`` by random factors.
+
+    Returns (compressed params, dense params with ``W = A B [+ P Q]``).
+    """
+    comp, dense = dict(params), dict(params)
+    for k, name in enumerate(names):
+        m, n = params[f"{name}.weight"].shape
+        a = rng.standard_normal((m, rank))
+        b = rng.standard_normal((rank, n)) / math.sqrt(n * rank)
+        w = a @ b
+        del comp[f"{name}.weight"]
+        comp[f"{name}.lowrank_a"], comp[f"{name}.lowrank_b"] = a, b
+        if residual and k % 2 == 0:  # every other layer also gets a residual
+            pp = rng.standard_normal((m, residual))
+            qq = rng.standard_normal((residual, n)) / math.sqrt(n * residual)
+            comp[f"{name}.residual_p"], comp[f"{name}.residual_q"] = pp, qq
+            w = w + pp @ qq
+        dense[f"{name}.weight"] = w
+    return comp, dense
+
+
+def images_for(params, n, rng):
+    p = params["patch_embed.proj.weight"].shape[-1]
+    grid = math.isqrt(params["pos_embed"].shape[1] - 1 - ("dist_token" in params))
+    return rng.standard_normal((n, 3, grid * p, grid * p)).astype(np.float32)
+
+
+# ----------------------------------------------------------------- HF oracle
+def _hf():
+    pytest.importorskip("torch", reason="torch is the independent oracle for the ViT forward")
+    pytest.importorskip("transformers", reason="transformers ViT/DeiT are the oracle for the forward")
+    import torch
+    import transformers
+
+    return torch, transformers
+
+
+def _randomize(model, torch, seed):
+    """Random O(1) parameters (HF's own init, std 0.02, gives near-uniform
+    attention and near-zero logits: a weak test)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "token" in name or "position" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
+            elif name.endswith("weight"):  # LayerNorm scale
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def _hf_model(kind, *, image=32, patch=8, hidden=64, layers=2, heads=4, inter=128, labels=10, seed=0):
+    torch, tf = _hf()
+    common = dict(
+        image_size=image, patch_size=patch, hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, intermediate_size=inter, num_labels=labels, hidden_act="gelu",
+        layer_norm_eps=1e-6, qkv_bias=True,
+    )
+    if kind == "vit":
+        model = tf.ViTForImageClassification(tf.ViTConfig(**common))
+    elif kind == "deit-distilled":
+        model = tf.DeiTForImageClassificationWithTeacher(tf.DeiTConfig(**common))
+    elif kind == "deit":
+        model = tf.DeiTForImageClassification(tf.DeiTConfig(**common))
+    else:
+        raise ValueError(kind)
+    return _randomize(model, torch, seed), torch
+
+
+def _convert(model, num_heads=None):
+    from data_tools.convert import convert_state_dict
+
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    return convert_state_dict(state, num_heads=num_heads)
+
+
+HF_CASES = {
+    "vit-tiny": dict(kind="vit"),
+    "vit-small": dict(kind="vit", image=64, patch=16, hidden=96, layers=4, heads=3, inter=384, labels=7, seed=1),
+    "deit-distilled": dict(kind="deit-distilled", layers=3, seed=2),
+    "deit-dist-token-only": dict(kind="deit", seed=3),
+}
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("case", sorted(HF_CASES))
+def test_logits_match_transformers(case):
+    model, torch = _hf_model(**HF_CASES[case])
+    heads = model.config.num_attention_heads
+    tensors, metadata = _convert(model, heads)
+    assert metadata["num_heads"] == str(heads)
+    size = model.config.image_size
+    x = np.random.default_rng(10).standard_normal((6, 3, size, size)).astype(np.float32)
+    with torch.no_grad():
+        ref = model(pixel_values=torch.from_numpy(x)).logits.numpy().astype(np.float64)
+    ours = vit.forward(tensors, x, metadata=metadata)
+    print(f"{case}: max |ours - HF| = {np.abs(ours - ref).max():.3g}, max |logit| = {np.abs(ref).max():.3g}")
+    assert ours.dtype == np.float64 and ours.shape == ref.shape
+    scale = max(1.0, float(np.abs(ref).max()))
+    err = float(np.abs(ours - ref).max())
+    assert err <= HF_RTOL * scale, f"{case}: max |diff| {err:.3g} vs scale {scale:.3g}"
+    # the head count matters: a wrong one changes the logits far beyond the tolerance
+    wrong = vit.forward(tensors, x, num_heads=1)
+    assert np.abs(wrong - ref).max() > 1e3 * HF_RTOL * scale
+
+
+@pytest.mark.oracle
+def test_hook_inputs_match_transformers_module_inputs():
+    model, torch = _hf_model("deit-distilled", seed=4)
+    tensors, _ = _convert(model, 4)
+    x = np.random.default_rng(11).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    seen = {}
+    modules = {"cls_classifier": "head", "distillation_classifier": "head_dist"}
+    for i in range(model.config.num_hidden_layers):
+        prefix = f"deit.layers.{i}"
+        modules[f"{prefix}.attention.q_proj"] = f"blocks.{i}.attn.qkv"
+        modules[f"{prefix}.attention.o_proj"] = f"blocks.{i}.attn.proj"
+        modules[f"{prefix}.mlp.fc1"] = f"blocks.{i}.mlp.fc1"
+        modules[f"{prefix}.mlp.fc2"] = f"blocks.{i}.mlp.fc2"
+    handles = []
+    for hf_name, name in modules.items():
+        def pre(module, args, name=name):
+            seen[name] = args[0].detach().numpy().astype(np.float64)
+        handles.append(model.get_submodule(hf_name).register_forward_pre_hook(pre))
+    with torch.no_grad():
+        model(pixel_values=torch.from_numpy(x))
+    for h in handles:
+        h.remove()
+    ours = {}
+    vit.forward(tensors, x, num_heads=4, hook=lambda name, a: ours.__setitem__(name, a.copy()))
+    assert set(ours) == set(seen)
+    for name, ref in seen.items():
+        scale = max(1.0, float(np.abs(ref).max()))
+        assert ours[name].shape == ref.shape, name
+        assert np.abs(ours[name] - ref).max() <= HF_RTOL * scale, name
+
+
+# ----------------------------------------------------------------- compressed path
+def test_compressed_layers_equal_dense_product():
+    rng = np.random.default_rng(0)
+    params = random_params(rng, dist=True, depth=2)
+    names = [n for n in vit.linear_names(params)]  # every linear, heads included
+    comp, dense = compress(params, rng, names)
+    x = images_for(params, 4, rng)
+    ref = vit.forward(dense, x, num_heads=4)
+    out = vit.forward(comp, x, num_heads=4)
+    np.testing.assert_allclose(out, ref, rtol=FACTOR_RTOL, atol=FACTOR_RTOL * np.abs(ref).max())
+    assert vit.linear_names(comp) == vit.linear_names(dense) == names
+
+
+def test_compressed_layer_is_never_densified():
+    rng = np.random.default_rng(1)
+    params = random_params(rng)
+    comp, _ = compress(params, rng, ["blocks.0.mlp.fc1"], rank=2, residual=1)
+    shapes = []
+
+    class Spy(np.ndarray):
+        def __matmul__(self, other):
+            out = np.ndarray.__matmul__(np.asarray(self), np.asarray(other))
+            shapes.append((np.shape(self), np.shape(other)))
+            return out.view(Spy)
+
+        def __rmatmul__(self, other):
+            out = np.ndarray.__matmul__(np.asarray(other), np.asarray(self))
+            shapes.append((np.shape(other), np.shape(self)))
+            return out.view(Spy)
+
+    x = np.random.default_rng(2).standard_normal((2, 10, 32))
+    prepared = vit.prepare(comp, np)
+    spied = {k: (v.view(Spy) if ".mlp.fc1." in k else v) for k, v in prepared.items()}
+    y = vit.linear(spied, "blocks.0.mlp.fc1", x, np)
+    # exactly (x B^T) A^T and (x Q^T) P^T: four products, each of a token
+    # array with one factor; no factor-by-factor product (no dense W)
+    assert len(shapes) == 4 and all(len(left) == 3 and len(right) == 2 for left, right in shapes), shapes
+    a, b = comp["blocks.0.mlp.fc1.lowrank_a"], comp["blocks.0.mlp.fc1.lowrank_b"]
+    p, q = comp["blocks.0.mlp.fc1.residual_p"], comp["blocks.0.mlp.fc1.residual_q"]
+    ref = x @ (a @ b + p @ q).T + comp["blocks.0.mlp.fc1.bias"]
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_linear_errors_name_the_layer():
+    rng = np.random.default_rng(3)
+    params = random_params(rng)
+    x = np.zeros((1, 2, 32))
+    with pytest.raises(MrcError, match="layer blocks.9.attn.qkv: missing"):
+        vit.linear(params, "blocks.9.attn.qkv", x, np)
+    broken = dict(params)
+    broken["blocks.0.attn.proj.lowrank_a"] = broken.pop("blocks.0.attn.proj.weight")
+    with pytest.raises(MrcError, match="blocks.0.attn.proj.*lowrank_b"):
+        vit.linear(broken, "blocks.0.attn.proj", x, np)
+    broken["blocks.0.attn.proj.lowrank_b"] = np.zeros((5, 32))  # (32, 32) @ (5, 32) does not chain
+    with pytest.raises(MrcError, match="blocks.0.attn.proj.*do not chain"):
+        vit.linear(broken, "blocks.0.attn.proj", x, np)
+    missing = {k: v for k, v in params.items() if not k.startswith("blocks.1.mlp.fc2")}
+    with pytest.raises(MrcError, match="layer blocks.1.mlp.fc2"):
+        vit.forward(missing, images_for(params, 1, rng), num_heads=2)
+
+
+# ----------------------------------------------------------------- structure
+def test_hook_reports_every_linear_in_forward_order():
+    rng = np.random.default_rng(4)
+    dim, mlp, depth = 32, 48, 3
+    params = random_params(rng, dim=dim, mlp=mlp, depth=depth, dist=True, grid=2)
+    comp, _ = compress(params, rng, ["blocks.1.mlp.fc1", "head"])
+    x = images_for(params, 5, rng)
+    for p in (params, comp):
+        calls = []
+        vit.forward(p, x, num_heads=4, hook=lambda name, a: calls.append((name, a.shape)))
+        tokens = 2 + 4
+        expected = []
+        for i in range(depth):
+            expected += [
+                (f"blocks.{i}.attn.qkv", (5, tokens, dim)),
+                (f"blocks.{i}.attn.proj", (5, tokens, dim)),
+                (f"blocks.{i}.mlp.fc1", (5, tokens, dim)),
+                (f"blocks.{i}.mlp.fc2", (5, tokens, mlp)),
+            ]
+        expected += [("head", (5, dim)), ("head_dist", (5, dim))]
+        assert calls == expected
+        assert [name for name, _ in calls] == vit.linear_names(p)
+    assert vit.depth(params) == depth
+
+
+def test_blocks_compose_to_forward():
+    rng = np.random.default_rng(5)
+    params = vit.prepare(random_params(rng, depth=3), np)
+    x = images_for(params, 3, rng).astype(np.float64)
+    h = vit.embed(params, x, np)
+    h1 = vit.blocks(params, h, 2, np, stop=1)
+    h2 = vit.block(params, 1, h1, 2, np)
+    h3 = vit.blocks(params, h2, 2, np, start=2)
+    np.testing.assert_array_equal(vit.head(params, h3, np), vit.forward(params, x, num_heads=2))
+
+
+def test_patch_embedding_matches_explicit_convolution():
+    rng = np.random.default_rng(6)
+    params = random_params(rng, dim=8, patch=3, grid=2, dist=True)
+    x = rng.standard_normal((2, 3, 6, 6))
+    h = vit.embed(params, x, np)
+    w, b = params["patch_embed.proj.weight"], params["patch_embed.proj.bias"]
+    ref = np.empty((2, 2 + 4, 8))
+    ref[:, 0] = params["cls_token"][0, 0]
+    ref[:, 1] = params["dist_token"][0, 0]
+    for n in range(2):
+        for gi in range(2):
+            for gj in range(2):
+                patch = x[n, :, 3 * gi : 3 * gi + 3, 3 * gj : 3 * gj + 3]
+                for d in range(8):
+                    ref[n, 2 + 2 * gi + gj, d] = np.sum(w[d] * patch) + b[d]
+    np.testing.assert_allclose(h, ref + params["pos_embed"], rtol=1e-12, atol=1e-12)
+
+
+def test_gelu_is_exact_erf_gelu():
+    x = np.linspace(-5, 5, 41)
+    ref = np.array([0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0))) for v in x])
+    np.testing.assert_allclose(vit.gelu(x, np), ref, rtol=1e-14, atol=1e-15)
+
+
+def test_image_size_must_match_pos_embed():
+    rng = np.random.default_rng(7)
+    params = random_params(rng, patch=4, grid=3)
+    with pytest.raises(MrcError, match="pos_embed"):
+        vit.forward(params, np.zeros((1, 3, 16, 16)), num_heads=2)
+    with pytest.raises(MrcError, match="not a multiple of the patch size"):
+        vit.forward(params, np.zeros((1, 3, 13, 12)), num_heads=2)
+    with pytest.raises(MrcError, match="expected"):
+        vit.forward(params, np.zeros((1, 1, 12, 12)), num_heads=2)
+
+
+def test_prepare_converts_once_and_keeps_prepared_arrays():
+    rng = np.random.default_rng(8)
+    params = {k: v.astype(np.float32) for k, v in random_params(rng).items()}
+    prepared = vit.prepare(params, np)
+    assert all(v.dtype == np.float64 for v in prepared.values())
+    again = vit.prepare(prepared, np)
+    assert all(again[k] is prepared[k] for k in prepared)
+    x = images_for(params, 2, rng)
+    np.testing.assert_array_equal(vit.forward(params, x, num_heads=2), vit.forward(prepared, x, num_heads=2))
+    out32 = vit.forward(params, x, num_heads=2, dtype=np.float32)
+    assert out32.dtype == np.float32
+    ref = vit.forward(prepared, x, num_heads=2)
+    assert np.abs(out32 - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
+    half = {k: v.astype(np.float16) for k, v in params.items()}
+    assert vit.forward(half, x, num_heads=2).dtype == np.float64
+
+
+# ----------------------------------------------------------------- num_heads
+def test_resolve_num_heads():
+    rng = np.random.default_rng(9)
+    p128 = random_params(rng, dim=128, mlp=8, depth=1)
+    assert vit.resolve_num_heads(p128) == 2  # head size 64
+    assert vit.resolve_num_heads(p128, metadata={"num_heads": "4"}) == 4
+    assert vit.resolve_num_heads(p128, 8, metadata={"num_heads": "4"}) == 8  # argument wins
+    assert vit.resolve_num_heads(p128, metadata={"other": "x"}) == 2
+    with pytest.raises(MrcError, match="does not divide"):
+        vit.resolve_num_heads(p128, 3)
+    with pytest.raises(MrcError, match="must be an integer"):
+        vit.resolve_num_heads(p128, metadata={"num_heads": "four"})
+    with pytest.raises(MrcError, match="must be positive"):
+        vit.resolve_num_heads(p128, 0)
+    p32 = random_params(rng, dim=32, mlp=8, depth=1)
+    with pytest.raises(MrcError, match="cannot infer num_heads"):
+        vit.resolve_num_heads(p32)
+    with pytest.raises(MrcError, match="does not divide"):
+        vit.forward(p32, images_for(p32, 1, rng), metadata={"num_heads": "5"})
+
+
+def test_heads_split_the_width_as_in_an_explicit_attention():
+    """One block, attention written per head with explicit loops."""
+    rng = np.random.default_rng(12)
+    params = random_params(rng, dim=16, depth=1)
+    x = rng.standard_normal((2, 5, 16))
+    w, b = params["blocks.0.attn.qkv.weight"], params["blocks.0.attn.qkv.bias"]
+    heads, hd = 4, 4
+    ref = np.empty((2, 5, 16))
+    for n in range(2):
+        qkv = x[n] @ w.T + b
+        for h in range(heads):
+            q = qkv[:, h * hd : (h + 1) * hd]
+            k = qkv[:, 16 + h * hd : 16 + (h + 1) * hd]
+            v = qkv[:, 32 + h * hd : 32 + (h + 1) * hd]
+            s = q @ k.T / math.sqrt(hd)
+            a = np.exp(s - s.max(axis=1, keepdims=True))
+            ref[n, :, h * hd : (h + 1) * hd] = (a / a.sum(axis=1, keepdims=True)) @ v
+    ref = ref @ params["blocks.0.attn.proj.weight"].T + params["blocks.0.attn.proj.bias"]
+    out = vit.attention(params, "blocks.0.attn", x, heads, np)
+    np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_depth_rejects_gaps():
+    rng = np.random.default_rng(13)
+    params = random_params(rng, depth=3)
+    gap = {k: v for k, v in params.items() if not k.startswith("blocks.1.")}
+    with pytest.raises(MrcError, match="blocks.1"):
+        vit.depth(gap)
