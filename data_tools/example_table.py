@@ -3,7 +3,7 @@
 ``python -m data_tools.example_table [--reductions 0.3 0.5 0.6]`` prints one
 JSON line per (reduction, method) and a Markdown table: the original model,
 plain weight SVD (``--statistic weight``), activation-aware SVD with uniform
-ranks, greedy mixed-rank, and greedy with compensation, on the 497 held-out
+ranks, greedy mixed-rank, greedy-hull, and greedy with compensation, on the 497 held-out
 test digits. Without compensation the residual rank is 0 (``none``), so every
 method spends the same budget on its principal factors.
 """
@@ -24,6 +24,7 @@ METHODS = {
     "weight SVD (uniform)": ["--statistic", "weight", "--allocation", "uniform", "--compensation", "none"],
     "activation-aware, uniform": ["--allocation", "uniform", "--compensation", "none"],
     "activation-aware, greedy": ["--allocation", "greedy", "--compensation", "none"],
+    "activation-aware, greedy-hull": ["--allocation", "greedy-hull", "--compensation", "none"],
     "greedy + compensation (sequential)": ["--allocation", "greedy", "--compensation", "sequential"],
 }
 

@@ -1,0 +1,112 @@
+"""Evaluation: metrics against hand computations, the evaluate and capture
+command lines on the embedded example, and bad image folders."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from data_tools import example_data
+from mrc_ref import metrics
+
+
+def run(module, *args):
+    env = dict(os.environ)
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_metrics_by_hand():
+    logits = np.array([[3.0, 1.0, 2.0], [0.0, 5.0, 1.0], [1.0, 0.0, 2.0], [2.0, 2.5, 0.0]])
+    labels = np.array([0, 2, 1, 1])
+    assert metrics.topk_accuracy(logits, labels, 1) == 0.5  # rows 0 and 3
+    assert metrics.topk_accuracy(logits, labels, 2) == 0.75  # not row 2
+    assert metrics.topk_accuracy(logits, labels, 5) == 1.0
+    reference = np.array([[3.0, 1.0, 2.0], [5.0, 0.0, 1.0], [1.0, 0.0, 2.0], [2.5, 2.0, 0.0]])
+    assert metrics.agreement(logits, reference) == 0.5
+    p = np.exp(reference) / np.exp(reference).sum(1, keepdims=True)
+    r = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    assert metrics.mean_kl(reference, logits) == pytest.approx(np.mean(np.sum(p * np.log(p / r), 1)), rel=1e-12)
+    assert metrics.mean_kl(logits, logits) == pytest.approx(0, abs=1e-15)
+    assert metrics.output_nmse(logits, reference) == pytest.approx(
+        np.sum((logits - reference) ** 2) / np.sum(reference**2))
+
+
+@pytest.fixture(scope="module")
+def small_folder(tmp_path_factory):
+    """20 test digits in class folders, copied from the example."""
+    root = tmp_path_factory.mktemp("digits")
+    for cls in ("0", "1"):
+        src = os.path.join(example_data.TEST_IMAGES, cls)
+        os.makedirs(root / cls)
+        for name in sorted(os.listdir(src))[:10]:
+            shutil.copy(os.path.join(src, name), root / cls / name)
+    return root
+
+
+def test_evaluate_cli_with_reference_and_saved_logits(small_folder, tmp_path):
+    saved = tmp_path / "logits.npz"
+    res = run("mrc_ref.evaluate", example_data.WEIGHTS, small_folder, "--reference", example_data.WEIGHTS,
+              "--save-logits", saved, "--json", "--quiet")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["images"] == 20 and out["top1"] >= 0.9
+    assert out["top1_agreement"] == 1.0 and out["mean_kl"] == pytest.approx(0, abs=1e-12)
+    data = np.load(saved)
+    assert data["logits"].shape == (20, 10)
+    np.testing.assert_array_equal(data["labels"], [0] * 10 + [1] * 10)
+    assert metrics.topk_accuracy(data["logits"], data["labels"]) == out["top1"]
+
+
+def test_evaluate_flat_folder_without_labels(small_folder, tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, path in enumerate(sorted((small_folder / "1").iterdir())):
+        shutil.copy(path, flat / f"{i}.png")
+    res = run("mrc_ref.evaluate", example_data.WEIGHTS, flat, "--reference", example_data.WEIGHTS, "--json", "--quiet")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert "top1" not in out and out["top1_agreement"] == 1.0
+
+
+def bad_folders(root):
+    (root / "empty").mkdir()
+    unreadable = root / "unreadable" / "0"
+    unreadable.mkdir(parents=True)
+    (unreadable / "x.png").write_bytes(b"not a png at all")
+    truncated = root / "truncated" / "0"
+    truncated.mkdir(parents=True)
+    blob = open(os.path.join(example_data.TEST_IMAGES, "0", sorted(os.listdir(os.path.join(example_data.TEST_IMAGES, "0")))[0]), "rb").read()
+    (truncated / "x.png").write_bytes(blob[: len(blob) // 2])
+    return {"empty": root / "empty", "unreadable": root / "unreadable", "truncated": root / "truncated",
+            "missing": root / "nope"}
+
+
+@pytest.mark.parametrize("module", ["mrc_ref.evaluate", "data_tools.capture"])
+@pytest.mark.parametrize("case", ["empty", "unreadable", "truncated", "missing"])
+def test_bad_images_exit_2(tmp_path, module, case):
+    folder = bad_folders(tmp_path)[case]
+    extra = ["-o", tmp_path / "acts.h5"] if module == "data_tools.capture" else []
+    res = run(module, example_data.WEIGHTS, folder, *extra, "--quiet")
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.stderr
+    assert os.path.basename(str(folder)) in lines[0] or "x.png" in lines[0]
+    assert not (tmp_path / "acts.h5").exists()
+
+
+def test_capture_cli_writes_a_readable_file(small_folder, tmp_path):
+    out = tmp_path / "acts.h5"
+    res = run("data_tools.capture", example_data.WEIGHTS, small_folder, "-o", out, "--proxy-images", 4, "--quiet")
+    assert res.returncode == 0, res.stderr
+    from mrc_ref import formats
+
+    with formats.open_activations(out) as f:
+        st = formats.read_layer_stats(f, "blocks.0.attn.qkv")
+        assert st["rows"] == 20 * 17
+        assert formats.read_proxy_tokens(f).shape == (4, 17, 64)
