@@ -14,43 +14,67 @@ import numpy as np
 from mrc_ref import formats
 
 
+def random_vit(rng, *, dim=32, depth=2, mlp=64, classes=5, patch=4, grid=3, dist=False, qkv_bias=True,
+               dtype=np.float64):
+    """A random ViT in the timm state-dict layout with weights of O(1) effect.
+
+    Linear weights ``~ N(0, 1/n)``, biases ``~ N(0, 0.1²)``, norm scales
+    ``1 + N(0, 0.2²)``; a DeiT distillation token and head when ``dist``.
+    Input images are ``grid · patch`` pixels square.
+
+    Returns
+    -------
+    dict of str -> ndarray of ``dtype``
+    """
+    p = {}
+
+    def lin(name, m, n, bias=True):
+        p[f"{name}.weight"] = rng.standard_normal((m, n)) / np.sqrt(n)
+        if bias:
+            p[f"{name}.bias"] = 0.1 * rng.standard_normal(m)
+
+    def norm(name):
+        p[f"{name}.weight"] = 1.0 + 0.2 * rng.standard_normal(dim)
+        p[f"{name}.bias"] = 0.2 * rng.standard_normal(dim)
+
+    p["patch_embed.proj.weight"] = rng.standard_normal((dim, 3, patch, patch)) / np.sqrt(3 * patch * patch)
+    p["patch_embed.proj.bias"] = 0.1 * rng.standard_normal(dim)
+    p["cls_token"] = rng.standard_normal((1, 1, dim))
+    if dist:
+        p["dist_token"] = rng.standard_normal((1, 1, dim))
+    p["pos_embed"] = rng.standard_normal((1, 1 + dist + grid * grid, dim))
+    for i in range(depth):
+        norm(f"blocks.{i}.norm1")
+        lin(f"blocks.{i}.attn.qkv", 3 * dim, dim, bias=qkv_bias)
+        lin(f"blocks.{i}.attn.proj", dim, dim)
+        norm(f"blocks.{i}.norm2")
+        lin(f"blocks.{i}.mlp.fc1", mlp, dim)
+        lin(f"blocks.{i}.mlp.fc2", dim, mlp)
+    norm("norm")
+    lin("head", classes, dim)
+    if dist:
+        lin("head_dist", classes, dim)
+    return {k: np.asarray(v, dtype=dtype) for k, v in p.items()}
+
+
 def make_model(seed=0, *, depth=2, dim=64, num_heads=4, mlp_ratio=4, img_size=16, patch=4,
                classes=10, dtype=np.float32):
-    """A random ViT in the timm state-dict layout.
-
-    Weights ``~ N(0, 0.02²)`` with a low-rank-ish structure (a random matrix
-    times a decaying diagonal) so activation-aware truncation has something
-    to keep. Returns ``dict name -> ndarray`` of ``dtype``.
+    """A random ViT (:func:`random_vit`) whose block linears have a decaying
+    spectrum (``σ_i ∝ exp(−4 i / min(m, n))`` plus a small full-rank noise), so
+    activation-aware truncation has something to keep. ``num_heads`` is not
+    stored in the tensors; :func:`write_example` records it in the metadata.
     """
     rng = np.random.default_rng(seed)
-    hidden = dim * mlp_ratio
-    tokens = (img_size // patch) ** 2 + 1
-
-    def linear(m, n):
-        decay = np.exp(-np.arange(min(m, n)) / (min(m, n) / 4))
-        U = np.linalg.qr(rng.standard_normal((m, min(m, n))))[0]
-        V = np.linalg.qr(rng.standard_normal((n, min(m, n))))[0]
-        W = (U * decay) @ V.T
-        W *= 0.02 * np.sqrt(m * n) / np.linalg.norm(W) + 0
-        return W + 0.002 * rng.standard_normal((m, n)), 0.01 * rng.standard_normal(m)
-
-    t = {
-        "patch_embed.proj.weight": 0.02 * rng.standard_normal((dim, 3, patch, patch)),
-        "patch_embed.proj.bias": np.zeros(dim),
-        "cls_token": 0.02 * rng.standard_normal((1, 1, dim)),
-        "pos_embed": 0.02 * rng.standard_normal((1, tokens, dim)),
-    }
-    for b in range(depth):
-        p = f"blocks.{b}."
-        for norm in ("norm1", "norm2"):
-            t[p + norm + ".weight"] = 1 + 0.1 * rng.standard_normal(dim)
-            t[p + norm + ".bias"] = 0.1 * rng.standard_normal(dim)
-        for name, (m, n) in (("attn.qkv", (3 * dim, dim)), ("attn.proj", (dim, dim)),
-                             ("mlp.fc1", (hidden, dim)), ("mlp.fc2", (dim, hidden))):
-            t[p + name + ".weight"], t[p + name + ".bias"] = linear(m, n)
-    t["norm.weight"] = np.ones(dim)
-    t["norm.bias"] = np.zeros(dim)
-    t["head.weight"], t["head.bias"] = linear(classes, dim)
+    t = random_vit(rng, dim=dim, depth=depth, mlp=dim * mlp_ratio, classes=classes, patch=patch,
+                   grid=img_size // patch)
+    for key, W in t.items():
+        if key.startswith("blocks.") and key.endswith(".weight") and W.ndim == 2:
+            m, n = W.shape
+            k = min(m, n)
+            U = np.linalg.qr(rng.standard_normal((m, k)))[0]
+            V = np.linalg.qr(rng.standard_normal((n, k)))[0]
+            W = (U * np.exp(-np.arange(k) / (k / 4))) @ V.T
+            t[key] = W / np.linalg.norm(W) * np.sqrt(m) + 0.1 * rng.standard_normal((m, n)) / np.sqrt(n)
     return {k: np.asarray(v, dtype=dtype) for k, v in t.items()}
 
 

@@ -6,6 +6,7 @@ directly (``X^T X`` etc. in float64, the dense ``A B + P Q`` for the
 weight of compressed layers).
 """
 
+import functools
 import math
 import os
 import subprocess
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 from data_tools.capture import capture_statistics
+from data_tools.synthetic import random_vit
 from mrc_ref import vit
 from mrc_ref.errors import MrcError
 
@@ -26,31 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL = 1e-12
 
 
-def random_params(rng, *, dim=16, depth=2, mlp=32, classes=4, patch=4, grid=2, dist=False):
-    """A timm-layout ViT with random float64 weights of O(1) effect."""
-    p = {
-        "patch_embed.proj.weight": rng.standard_normal((dim, 3, patch, patch)) / math.sqrt(3 * patch * patch),
-        "patch_embed.proj.bias": 0.1 * rng.standard_normal(dim),
-        "cls_token": rng.standard_normal((1, 1, dim)),
-        "pos_embed": rng.standard_normal((1, 1 + dist + grid * grid, dim)),
-    }
-    if dist:
-        p["dist_token"] = rng.standard_normal((1, 1, dim))
-    for i in range(depth):
-        for leaf, shape in (
-            ("norm1", (dim,)), ("attn.qkv", (3 * dim, dim)), ("attn.proj", (dim, dim)),
-            ("norm2", (dim,)), ("mlp.fc1", (mlp, dim)), ("mlp.fc2", (dim, mlp)),
-        ):
-            if len(shape) == 1:
-                p[f"blocks.{i}.{leaf}.weight"] = 1.0 + 0.2 * rng.standard_normal(shape)
-            else:
-                p[f"blocks.{i}.{leaf}.weight"] = rng.standard_normal(shape) / math.sqrt(shape[-1])
-            p[f"blocks.{i}.{leaf}.bias"] = 0.1 * rng.standard_normal(shape[0])
-    p["norm.weight"], p["norm.bias"] = 1.0 + 0.2 * rng.standard_normal(dim), 0.1 * rng.standard_normal(dim)
-    p["head.weight"], p["head.bias"] = rng.standard_normal((classes, dim)), rng.standard_normal(classes)
-    if dist:
-        p["head_dist.weight"], p["head_dist.bias"] = rng.standard_normal((classes, dim)), rng.standard_normal(classes)
-    return p
+random_params = functools.partial(random_vit, dim=16, mlp=32, classes=4, grid=2)
 
 
 def compress_some(params, rng):
@@ -186,7 +164,12 @@ def test_cli_writes_the_statistics(tmp_path):
     images_mod = pytest.importorskip("data_tools.images", reason="image loading is data_tools/images.py")
     from PIL import Image
 
-    from mrc_ref.formats import open_activations, read_layer_stats, read_proxy_tokens, write_safetensors
+    from mrc_ref.formats import (
+        open_activations,
+        read_layer_stats,
+        read_proxy_tokens,
+        write_safetensors,
+    )
 
     rng = np.random.default_rng(5)
     params = {k: v.astype(np.float32) for k, v in random_params(rng, grid=4).items()}  # 16 x 16 input

@@ -1,7 +1,6 @@
 """Tests of data_tools.convert: transformers / timm checkpoints -> timm safetensors."""
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 
 from data_tools.convert import convert_file, convert_state_dict
+from data_tools.synthetic import random_vit
 from mrc_ref import vit
 from mrc_ref.errors import MrcError
 from mrc_ref.formats import read_safetensors
@@ -19,26 +19,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def timm_params(rng, *, dim=64, depth=2, mlp=96, classes=5, patch=4, grid=2, dist=False, dtype=np.float32):
     """A random timm-layout state dict (numpy)."""
-    p = {
-        "cls_token": rng.standard_normal((1, 1, dim)),
-        "pos_embed": rng.standard_normal((1, 1 + dist + grid * grid, dim)),
-        "patch_embed.proj.weight": rng.standard_normal((dim, 3, patch, patch)),
-        "patch_embed.proj.bias": rng.standard_normal(dim),
-    }
-    if dist:
-        p["dist_token"] = rng.standard_normal((1, 1, dim))
-    for i in range(depth):
-        for leaf, shape in (
-            ("norm1", (dim,)), ("attn.qkv", (3 * dim, dim)), ("attn.proj", (dim, dim)),
-            ("norm2", (dim,)), ("mlp.fc1", (mlp, dim)), ("mlp.fc2", (dim, mlp)),
-        ):
-            p[f"blocks.{i}.{leaf}.weight"] = rng.standard_normal(shape) / math.sqrt(shape[-1])
-            p[f"blocks.{i}.{leaf}.bias"] = rng.standard_normal(shape[0])
-    p["norm.weight"], p["norm.bias"] = rng.standard_normal(dim), rng.standard_normal(dim)
-    p["head.weight"], p["head.bias"] = rng.standard_normal((classes, dim)), rng.standard_normal(classes)
-    if dist:
-        p["head_dist.weight"], p["head_dist.bias"] = rng.standard_normal((classes, dim)), rng.standard_normal(classes)
-    return {k: v.astype(dtype) for k, v in p.items()}
+    return random_vit(rng, dim=dim, depth=depth, mlp=mlp, classes=classes, patch=patch, grid=grid, dist=dist,
+                      dtype=dtype)
 
 
 def to_legacy_hf(timm, prefix="vit."):

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 
+from data_tools.synthetic import random_vit
 from mrc_ref import vit
 from mrc_ref.errors import MrcError
 
@@ -26,37 +27,7 @@ FACTOR_RTOL = 1e-10
 
 
 # ----------------------------------------------------------------- fixtures
-def random_params(rng, *, dim=32, depth=2, mlp=64, classes=5, patch=4, grid=3, dist=False, qkv_bias=True):
-    """A timm-layout ViT with random float64 weights of O(1) effect."""
-    p = {}
-
-    def lin(name, m, n, bias=True):
-        p[f"{name}.weight"] = rng.standard_normal((m, n)) / math.sqrt(n)
-        if bias:
-            p[f"{name}.bias"] = 0.1 * rng.standard_normal(m)
-
-    def norm(name):
-        p[f"{name}.weight"] = 1.0 + 0.2 * rng.standard_normal(dim)
-        p[f"{name}.bias"] = 0.2 * rng.standard_normal(dim)
-
-    p["patch_embed.proj.weight"] = rng.standard_normal((dim, 3, patch, patch)) / math.sqrt(3 * patch * patch)
-    p["patch_embed.proj.bias"] = 0.1 * rng.standard_normal(dim)
-    p["cls_token"] = rng.standard_normal((1, 1, dim))
-    if dist:
-        p["dist_token"] = rng.standard_normal((1, 1, dim))
-    p["pos_embed"] = rng.standard_normal((1, 1 + dist + grid * grid, dim))
-    for i in range(depth):
-        norm(f"blocks.{i}.norm1")
-        lin(f"blocks.{i}.attn.qkv", 3 * dim, dim, bias=qkv_bias)
-        lin(f"blocks.{i}.attn.proj", dim, dim)
-        norm(f"blocks.{i}.norm2")
-        lin(f"blocks.{i}.mlp.fc1", mlp, dim)
-        lin(f"blocks.{i}.mlp.fc2", dim, mlp)
-    norm("norm")
-    lin("head", classes, dim)
-    if dist:
-        lin("head_dist", classes, dim)
-    return p
+random_params = random_vit
 
 
 def compress(params, rng, names, rank=3, residual=2):
