@@ -6,7 +6,6 @@ compensation (Stage 3). See docs/cli.md.
 """
 
 import argparse
-import json
 import os
 import sys
 

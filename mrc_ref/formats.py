@@ -261,7 +261,7 @@ def densify(tensors, dtype=None):
         if key != name + ".lowrank_a":
             continue
         if name + ".lowrank_b" not in tensors:
-            raise MrcError(f"has lowrank_a but no lowrank_b", layer=name)
+            raise MrcError("has lowrank_a but no lowrank_b", layer=name)
         A = tensors[name + ".lowrank_a"]
         W = A.astype(np.float64) @ tensors[name + ".lowrank_b"].astype(np.float64)
         if name + ".residual_p" in tensors:

@@ -6,7 +6,6 @@ unchanged, nothing written)."""
 import json
 import math
 import os
-import shutil
 
 import h5py
 import numpy as np
