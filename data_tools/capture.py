@@ -245,7 +245,7 @@ def main(argv=None):
                 batch_size=args.batch_size, num_heads=args.num_heads, device=args.device, quiet=args.quiet,
                 store_dtype=args.store_dtype)
     except MrcError as err:
-        print(str(err), file=sys.stderr)
+        print(f"python -m data_tools.capture: error: {err}", file=sys.stderr)
         return 2
     if not args.quiet:
         print(f"wrote {args.output} ({n} images)", file=sys.stderr)

@@ -324,7 +324,7 @@ def main(argv=None):
     try:
         metadata = convert_file(args.checkpoint, args.output, num_heads=args.num_heads)
     except MrcError as err:
-        print(str(err), file=sys.stderr)
+        print(f"python -m data_tools.convert: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {args.output} (num_heads={metadata['num_heads']}, source={metadata['source']})", file=sys.stderr)
     return 0

@@ -106,11 +106,12 @@ def count_params(tensors):
 
 
 def _layer_metric(name, W, raw, config, xp, dtype):
+    """The validated metric ``C`` of layer ``name`` for the configured statistic."""
     try:
         st = stats.validate(raw, W.shape[1], xp, dtype, need_normalized=config.statistic == "per-image")
     except MrcError as err:
         raise err.at(layer=name) from None
-    return st, stats.metric(config.statistic, st, W.shape[1], xp)
+    return stats.metric(config.statistic, st, W.shape[1], xp)
 
 
 def run(tensors, load_stats, config, *, xp, progress=None, sequential=None, files=(None, None)):
@@ -129,9 +130,9 @@ def run(tensors, load_stats, config, *, xp, progress=None, sequential=None, file
     progress : callable, optional
         ``progress(iterable, desc) -> iterable`` (e.g. a tqdm wrapper).
     sequential : callable, optional
-        ``sequential(names, factors, config, xp) -> dict name -> (P, Q, info)``
-        running the sequential Stage 3; required when the compensation is
-        ``sequential``.
+        ``sequential(factors, config, xp) -> dict name -> (P, Q, info)``
+        running the sequential Stage 3, with ``factors[name] = (index, W, A, B)``;
+        required when the compensation is ``sequential``.
     files : (str, str), optional
         Names of the weights and statistics sources, used in error messages only.
 
@@ -172,7 +173,7 @@ def _run(tensors, load_stats, config, xp, progress, sequential, files):
         W = xp.asarray(tensors[name + ".weight"], dtype=dtype)
         if not bool(xp.isfinite(W).all()):
             raise MrcError("weight contains NaN or Inf", file=files[0], layer=name)
-        _, C = _layer_metric(name, W, load_stats(name), config, xp, dtype)
+        C = _layer_metric(name, W, load_stats(name), config, xp, dtype)
         try:
             U, s2 = svd.output_basis(W, C, xp)
         except MrcError as err:
@@ -190,7 +191,7 @@ def _run(tensors, load_stats, config, xp, progress, sequential, files):
         ranks = allocate.allocate(config.allocation, curves, shapes, q, fixed, budget, config.rank_step)
 
     # Factors, then Stage 3.
-    out = {k: v for k, v in tensors.items()}
+    out = dict(tensors)
     layers, factors = [], {}
     for index, (name, (m, n), rank) in enumerate(zip(names, shapes, ranks)):
         entry = {"name": name, "shape": [m, n], "statistic": config.statistic,
@@ -199,7 +200,6 @@ def _run(tensors, load_stats, config, xp, progress, sequential, files):
                  "nmse_stage1": 0.0, "nmse_stage3": 0.0}
         layers.append(entry)
         if rank is None:
-            entry["params_after"] = m * n
             continue
         W = xp.asarray(tensors[name + ".weight"], dtype=dtype)
         A, B = svd.factors(W, bases[name], rank)
@@ -210,11 +210,11 @@ def _run(tensors, load_stats, config, xp, progress, sequential, files):
     residuals = {}
     if q > 0 and factors:
         if compensation == "sequential":
-            residuals = sequential(list(factors), factors, config, xp)
+            residuals = sequential(factors, config, xp)
         else:
             for name in progress(list(factors), f"stage 3 ({compensation} compensation)"):
                 index, W, A, B = factors[name]
-                _, C = _layer_metric(name, W, load_stats(name), config, xp, dtype)
+                C = _layer_metric(name, W, load_stats(name), config, xp, dtype)
                 P0, Q0 = compensate.init_residual(W.shape[0], W.shape[1], q, config.seed, index, xp, dtype)
                 P, Q, history = compensate.compensate(W, A, B, P0, Q0, C, steps=config.steps, lr=config.lr, xp=xp)
                 residuals[name] = (P, Q, {"loss_stage1": float(history[0]), "loss_stage3": float(history.min())})
@@ -231,7 +231,7 @@ def _run(tensors, load_stats, config, xp, progress, sequential, files):
             out[name + ".residual_q"] = to_host(Q).astype(stored)
             entry["residual_rank"] = q
             entry["nmse_stage3"] = info["loss_stage3"]
-            entry.update({k: v for k, v in info.items() if k not in ("loss_stage3",)})
+            entry["loss_stage1"] = info["loss_stage1"]
 
     p_after = count_params(out)
     report = {

@@ -100,12 +100,12 @@ def make_sequential(tensors, metadata, tokens, *, progress=None, num_heads=None)
     :func:`mrc_ref.pipeline.run` expects."""
     heads = vit.resolve_num_heads(tensors, num_heads, metadata)
 
-    def run(names, factors, config, xp):
+    def run(factors, config, xp):
         original = vit.prepare(tensors, xp, get_dtype(config.dtype))
         if tuple(tokens.shape[1:]) != tuple(original["pos_embed"].shape[1:]):
             raise MrcError(f"proxy/tokens have shape {tuple(tokens.shape)}, expected (images, "
                            f"{', '.join(str(s) for s in original['pos_embed'].shape[1:])}) from pos_embed")
-        return compensate_sequential(original, {n: factors[n] for n in names}, tokens, config,
+        return compensate_sequential(original, factors, tokens, config,
                                      num_heads=heads, xp=xp, progress=progress)
 
     return run
