@@ -141,6 +141,65 @@ def greedy(nmse, shapes, q, fixed, budget, step=1, entry="break-even"):
     return ranks
 
 
+def _moves(nmse, shapes, q, l, r):
+    """The single-step moves of layer ``l`` at rank ``r`` (``None`` = dense):
+    ``(new rank, Δparams, ΔNMSE)`` one rank up (to dense from ``r_max − 1``)
+    and one rank down (to ``r_max − 1`` from dense)."""
+    m, n = shapes[l]
+    top = break_even_rank(m, n, q) - 1
+    if top < 1:
+        return []
+    out = []
+    for new in ([None, top] if r is None else [r - 1, r + 1 if r < top else None]):
+        if new == 0:
+            continue
+        lost = (0.0 if new is None else float(nmse[l][new])) - (0.0 if r is None else float(nmse[l][r]))
+        out.append((new, layer_params(m, n, new, q) - layer_params(m, n, r, q), lost))
+    return out
+
+
+def local_search(nmse, shapes, q, fixed, budget, ranks):
+    """Improve an allocation by single-rank moves while ``Σ_l NMSE_l`` falls
+    (METHOD.md's optional pass).
+
+    Repeats until no move helps: (1) spend the slack ``budget − total`` on the
+    rank increase with the largest error decrease per parameter that fits;
+    (2) otherwise make the best exchange of one rank up in a layer for one
+    rank down in another that fits the budget and lowers the total error.
+    Ties break by layer order. The result never has a larger error than
+    ``ranks`` and meets the same budget.
+
+    Returns
+    -------
+    list of int or None
+    """
+    ranks = list(ranks)
+    total = total_params(shapes, ranks, q, fixed)
+    if total > budget:
+        raise MrcError(f"allocation of {total} parameters exceeds the budget of {budget}")
+    while True:
+        slack = budget - total
+        moves = [[(l, *mv) for mv in _moves(nmse, shapes, q, l, r)] for l, r in enumerate(ranks)]
+        ups = [mv for per in moves for mv in per if mv[2] > 0 and mv[3] < 0]
+        downs = [mv for per in moves for mv in per if mv[2] < 0]
+        fill = [mv for mv in ups if mv[2] <= slack]
+        if fill:
+            l, new, dp, de = min(fill, key=lambda mv: (mv[3] / mv[2], mv[0]))
+            ranks[l], total = new, total + dp
+            continue
+        best = None
+        for up in ups:
+            for down in downs:
+                if up[0] != down[0] and up[2] + down[2] <= slack:
+                    gain = up[3] + down[3]
+                    if gain < -1e-15 and (best is None or gain < best[0]):
+                        best = (gain, up, down)
+        if best is None:
+            return ranks
+        for l, new, dp, _ in best[1:]:
+            ranks[l], total = new, total + dp
+
+
 def _ranks_at(candidate_ranks, shapes, q):
     return [None if r >= break_even_rank(m, n, q) else r for r, (m, n) in zip(candidate_ranks, shapes)]
 

@@ -33,6 +33,8 @@ def build_parser():
                    help="fraction of the model's stored parameters to remove (default: %(default)s)")
     p.add_argument("--rank", type=int, help="fix every selected layer at this rank instead of a budget")
     p.add_argument("--rank-step", type=int, default=d.rank_step, help="ranks removed per greedy step (default: %(default)s)")
+    p.add_argument("--local-search", action="store_true",
+                   help="after the allocation, move single ranks between layers while the total NMSE falls")
     p.add_argument("--residual-rank", type=int, default=d.residual_rank,
                    help="rank q of the residual P Q, counted in the budget (default: %(default)s)")
     p.add_argument("--compensation", default=d.compensation, choices=["auto", "sequential", "local", "none"],
@@ -51,6 +53,7 @@ def config_from_args(args):
     layers = tuple(p.strip() for p in args.layers.split(",") if p.strip())
     return pipeline.Config(layers=layers, statistic=args.statistic, allocation=args.allocation,
                            reduction=args.reduction, rank=args.rank, rank_step=args.rank_step,
+                           local_search=args.local_search,
                            residual_rank=args.residual_rank, compensation=args.compensation,
                            steps=args.steps, lr=args.lr, seed=args.seed, dtype=args.dtype, device=args.device)
 

@@ -36,6 +36,7 @@ class Config:
     reduction: float = 0.6
     rank: int | None = None
     rank_step: int = 1
+    local_search: bool = False
     residual_rank: int = 8
     compensation: str = "auto"
     steps: int = 500
@@ -189,6 +190,8 @@ def _run(tensors, load_stats, config, xp, progress, sequential, files):
         budget = None
     else:
         ranks = allocate.allocate(config.allocation, curves, shapes, q, fixed, budget, config.rank_step)
+        if config.local_search:
+            ranks = allocate.local_search(curves, shapes, q, fixed, budget, ranks)
 
     # Factors, then Stage 3.
     out = dict(tensors)
