@@ -32,18 +32,27 @@ def accumulate_gram(chunks, xp, dtype=None):
         ``gram`` (n, n), ``sum`` (n,), ``rows`` (int).
     """
     dtype = dtype or xp.float64
-    gram = total = None
+    gram = total = buffer = None
     rows = 0
     for chunk in chunks:
-        x = xp.asarray(chunk, dtype=dtype)
-        if x.ndim != 2:
-            raise MrcError(f"token rows must be 2-D, got shape {tuple(x.shape)}")
+        src = xp.asarray(chunk)  # no cast here: the cast goes into one reused buffer
+        if src.ndim != 2:
+            raise MrcError(f"token rows must be 2-D, got shape {tuple(src.shape)}")
+        k, n = src.shape
+        if src.dtype == dtype:
+            x = src
+        else:
+            if buffer is None or buffer.shape[0] < k or buffer.shape[1] != n:
+                buffer = xp.empty((k, n), dtype=dtype)
+            x = buffer[:k]
+            x[...] = src
         if gram is None:
-            gram = xp.zeros((x.shape[1], x.shape[1]), dtype=dtype)
-            total = xp.zeros(x.shape[1], dtype=dtype)
+            gram = xp.zeros((n, n), dtype=dtype)
+            total = xp.zeros(n, dtype=dtype)
         gram += x.T @ x
         total += x.sum(axis=0)
-        rows += x.shape[0]
+        rows += k
+        del src, x, chunk  # free this chunk before the next one is read
     if gram is None:
         raise MrcError("no token rows to accumulate")
     return {"gram": gram, "sum": total, "rows": rows}

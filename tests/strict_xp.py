@@ -270,6 +270,10 @@ def zeros(shape, dtype=float):
     return _wrap(np.zeros(shape, dtype=dtype))
 
 
+def empty(shape, dtype=float):
+    return _wrap(np.empty(shape, dtype=dtype))
+
+
 def zeros_like(a, dtype=None):
     return _wrap(np.zeros_like(_strict_only(a), dtype=dtype))
 
@@ -364,7 +368,7 @@ def _svd(a, full_matrices=True, compute_uv=True):
 
 
 xp = types.ModuleType("strict_xp", "A strict CPU double of CuPy (see tests/strict_xp.py).")
-for _fn in (asarray, zeros, zeros_like, eye, outer, concatenate, cumsum, clip, sqrt, exp, isfinite, erf,
+for _fn in (asarray, empty, zeros, zeros_like, eye, outer, concatenate, cumsum, clip, sqrt, exp, isfinite, erf,
             diagonal, reshape, transpose, swapaxes, broadcast_to, mean):
     setattr(xp, _fn.__name__, _fn)
 # defined as _abs etc. so that the builtins stay usable in this file

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Core-path benchmarks of mrc_ref (a script, not a pytest module).
 
 Prints one JSON line per figure: ``name``, ``value`` (and other values),
@@ -22,9 +21,10 @@ Figures
 3. ``gram_stream_peak_memory``: tracemalloc peak (numpy buffers are tracked;
    HDF5's own C allocations are not) of streaming ``accumulate_gram`` from HDF5
    at 1x and 10x the token count, each in a fresh subprocess. Target: relative
-   difference <= 10 %. The subprocess's ru_maxrss is reported alongside.
+   difference <= 10 %. The subprocess's VmHWM (peak RSS) is reported alongside.
 
-Usage: ``python tests/benchmarks/bench_core.py [--quick] [--repeats N] [--only 1,2,3]``
+Usage: ``python tests/benchmarks/bench_core.py [--quick] [--repeats N] [--only 1,2,3] [--blas-threads 1]``
+(on a shared/loaded machine, ``--blas-threads 1`` gives far steadier timings).
 """
 
 import argparse
@@ -191,7 +191,6 @@ def bench_stream(args, tmpdir):
         "stream_slicing": streamed(chunks_slicing, stats.accumulate_gram),
         "stream_read_direct": streamed(chunks_read_direct, stats.accumulate_gram),
         "stream_read_direct_buffered": streamed(chunks_read_direct, accumulate_gram_buffered),
-
     }
     times = {name: [] for name in variants}
     cpu = {name: [] for name in variants}
@@ -239,8 +238,7 @@ def bench_stream(args, tmpdir):
 
     breakdown = {name: median_time(fn, args.repeats)[0]
                  for name, fn in [("read_slicing", read_only), ("read_direct", read_direct_only),
-                                  ("convert_f32_to_f64", convert_only), ("syrk_chunks_only", syrk_only)]}
-    del X
+                                  ("convert_f32_to_f64_fresh_alloc", convert_only), ("syrk_chunks_only", syrk_only)]}
     os.remove(path)
 
     ratio = med["inmemory"] / med["stream_slicing"]
@@ -368,9 +366,21 @@ def bench_stages_all(args):
 
 # --------------------------------------------------------------------------- figure 3
 
+def vm_hwm_kib():
+    """Peak resident set of this process (``VmHWM``; unlike ``ru_maxrss`` it is
+    not inherited from the parent across fork + exec). ``None`` off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def mem_child(path, chunk, variant):
     """Run in a fresh interpreter: tracemalloc peak of one streamed accumulation."""
-    import resource
     import tracemalloc
 
     import h5py
@@ -386,8 +396,7 @@ def mem_child(path, chunk, variant):
             raise SystemExit(f"unknown variant {variant}")
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak": peak, "rows": out["rows"], "maxrss_kib": rss}))
+    print(json.dumps({"peak": peak, "rows": out["rows"], "maxrss_kib": vm_hwm_kib()}))
 
 
 def bench_memory(args, tmpdir):
@@ -426,10 +435,10 @@ def bench_memory(args, tmpdir):
         gram_mib=round(n * n * 8 / 2**20, 2),
         buffered_read_direct_peak_mib=[round(p / 2**20, 2) for p in peaks["buffered_read_direct"]],
         buffered_read_direct_relative_difference=round(rel["buffered_read_direct"], 4),
-        maxrss_mib={v: [round(r / 1024, 1) for r in rs] for v, rs in rss.items()},
+        peak_rss_mib={v: [round(r / 1024, 1) if r else None for r in rs] for v, rs in rss.items()},
         data_mib=[round(c * n * 4 / 2**20, 1) for c in counts],
         notes="fresh subprocess per measurement, median of repeats; tracemalloc tracks numpy buffers, not HDF5's "
-              "C heap; maxrss is the whole process (interpreter, libraries, HDF5). The 1x row count must span "
+              "C heap; peak_rss (VmHWM) is the whole process (interpreter, libraries, HDF5). The 1x row count must span "
               "at least two full chunks, else the 1x peak misses the steady state (previous chunk still alive)",
         machine=machine(),
     )
