@@ -11,8 +11,7 @@ Figures
    page cache: the file has just been written) and the float32 -> float64
    conversion; the in-memory time EXCLUDES loading and converting ``X``.
    Value: in-memory time / streamed time (target >= 0.9). Also timed: the
-   streamed variants ``read_direct`` into a preallocated buffer and an improved
-   accumulator (:func:`accumulate_gram_buffered`, see its docstring).
+   chunks read with ``read_direct`` into one preallocated buffer.
 2. ``stages12_deit_b_float64`` / ``..._float32``: ``output_basis`` +
    ``nmse_curve`` on the 48 DeiT-B linears plus ``greedy`` (q = 8, budget at
    reduction 0.6 of 86,567,656 parameters) on synthetic positive definite
@@ -84,15 +83,15 @@ def machine():
 # --------------------------------------------------------------------------- HDF5 data
 
 
-def write_tokens(path, rows, n, hdf5_chunk_rows, seed=0):
-    """Float32 token rows with correlated features (not timed)."""
+def write_tokens(path, rows, n, hdf5_chunk_rows, seed=0, dtype=np.float32):
+    """Token rows of ``dtype`` with correlated features (not timed)."""
     import h5py
 
     rng = np.random.default_rng(seed)
     mix = (rng.standard_normal((n, n)) / np.sqrt(n)).astype(np.float32)
     block = 16384
     with h5py.File(path, "w") as f:
-        ds = f.create_dataset(DATASET, shape=(rows, n), dtype=np.float32, chunks=(min(hdf5_chunk_rows, rows), n))
+        ds = f.create_dataset(DATASET, shape=(rows, n), dtype=dtype, chunks=(min(hdf5_chunk_rows, rows), n))
         for i in range(0, rows, block):
             k = min(block, rows - i)
             ds[i : i + k] = rng.standard_normal((k, n), dtype=np.float32) @ mix + 0.1
@@ -104,56 +103,14 @@ def chunks_slicing(ds, chunk):
         yield ds[i : i + chunk]
 
 
-def chunks_read_direct(ds, chunk, dtype=np.float32):
+def chunks_read_direct(ds, chunk, dtype=None):
     """``read_direct`` into one preallocated buffer (the same buffer is yielded
     every time: the consumer must be done with it before asking for the next)."""
-    buf = np.empty((chunk, ds.shape[1]), dtype=dtype)
+    buf = np.empty((chunk, ds.shape[1]), dtype=dtype or ds.dtype)
     for i in range(0, ds.shape[0], chunk):
         k = min(chunk, ds.shape[0] - i)
         ds.read_direct(buf, np.s_[i : i + k], np.s_[0:k])
         yield buf[:k]
-
-
-def accumulate_gram_buffered(chunks, xp, dtype=None):
-    """Proposed ``accumulate_gram``: same contract and result, but
-
-    - a chunk of another dtype (or not an ``xp`` array) is converted into ONE
-      reused ``dtype`` buffer (``buf[:k] = chunk``) instead of a fresh
-      ``xp.asarray(chunk, dtype)`` allocation per chunk (fresh 48 MiB buffers
-      cost more than the cast itself: page faults, and SYRK on just-faulted
-      pages measured slower); a chunk already of ``dtype`` is used as is;
-    - the chunk product goes through one reused ``n × n`` buffer;
-    - the previous chunk is dropped before the next is requested, so the peak
-      is one input chunk + one converted chunk (not two of each).
-
-    ``x.T @ x`` on the C-contiguous view ``buf[:k]`` still takes numpy's SYRK
-    path."""
-    dtype = dtype or xp.float64
-    gram = total = buf = prod = None
-    rows = 0
-    for chunk in chunks:
-        if getattr(chunk, "ndim", 2) != 2:
-            raise ValueError("token rows must be 2-D")
-        k, n = chunk.shape
-        if gram is None:
-            gram = xp.zeros((n, n), dtype=dtype)
-            prod = xp.empty((n, n), dtype=dtype)
-            total = xp.zeros(n, dtype=dtype)
-        if isinstance(chunk, xp.ndarray) and chunk.dtype == dtype:
-            x = chunk
-        else:
-            if buf is None or buf.shape[0] < k:
-                buf = xp.empty((k, n), dtype=dtype)
-            x = buf[:k]
-            x[...] = chunk
-        xp.matmul(x.T, x, out=prod)
-        gram += prod
-        total += x.sum(axis=0)
-        rows += k
-        del x, chunk  # drop this chunk before the next one is read
-    if gram is None:
-        raise ValueError("no token rows to accumulate")
-    return {"gram": gram, "sum": total, "rows": rows}
 
 
 # --------------------------------------------------------------------------- figure 1
@@ -164,7 +121,7 @@ def bench_stream(args, tmpdir):
 
     rows, n, chunk = args.rows, args.features, args.chunk
     path = os.path.join(tmpdir, "tokens_stream.h5")
-    write_tokens(path, rows, n, args.hdf5_chunk_rows)
+    write_tokens(path, rows, n, args.hdf5_chunk_rows, dtype=np.dtype(args.token_dtype))
 
     with h5py.File(path, "r") as f:
         ds = f[DATASET]
@@ -190,7 +147,6 @@ def bench_stream(args, tmpdir):
         "inmemory_with_sum": inmemory_with_sum,
         "stream_slicing": streamed(chunks_slicing, stats.accumulate_gram),
         "stream_read_direct": streamed(chunks_read_direct, stats.accumulate_gram),
-        "stream_read_direct_buffered": streamed(chunks_read_direct, accumulate_gram_buffered),
     }
     times = {name: [] for name in variants}
     cpu = {name: [] for name in variants}
@@ -245,7 +201,7 @@ def bench_stream(args, tmpdir):
     best = min((v for k, v in med.items() if k.startswith("stream")))
     best_name = min((k for k in med if k.startswith("stream")), key=med.get)
     emit(
-        name="gram_stream_vs_inmemory",
+        name="gram_stream_vs_inmemory", token_dtype=args.token_dtype,
         value=round(ratio, 3),
         unit="ratio (in-memory time / streamed time, higher is better)",
         target=">= 0.9",
@@ -390,8 +346,8 @@ def mem_child(path, chunk, variant):
         ds = f[DATASET]
         if variant == "accumulate_gram":
             out = stats.accumulate_gram(chunks_slicing(ds, chunk), np)
-        elif variant == "buffered_read_direct":
-            out = accumulate_gram_buffered(chunks_read_direct(ds, chunk), np)
+        elif variant == "read_direct":
+            out = stats.accumulate_gram(chunks_read_direct(ds, chunk), np)
         else:
             raise SystemExit(f"unknown variant {variant}")
     _, peak = tracemalloc.get_traced_memory()
@@ -403,7 +359,7 @@ def bench_memory(args, tmpdir):
     n, chunk = args.features, args.chunk
     small = args.mem_rows
     counts = [small, 10 * small]
-    variants = ("accumulate_gram", "buffered_read_direct")
+    variants = ("accumulate_gram", "read_direct")
     peaks = {v: [] for v in variants}
     rss = {v: [] for v in variants}
     for rows in counts:
@@ -433,8 +389,8 @@ def bench_memory(args, tmpdir):
         rows=counts, features=n, chunk_rows=chunk,
         one_chunk_mib={"float32": round(chunk * n * 4 / 2**20, 2), "float64": round(chunk * n * 8 / 2**20, 2)},
         gram_mib=round(n * n * 8 / 2**20, 2),
-        buffered_read_direct_peak_mib=[round(p / 2**20, 2) for p in peaks["buffered_read_direct"]],
-        buffered_read_direct_relative_difference=round(rel["buffered_read_direct"], 4),
+        read_direct_peak_mib=[round(p / 2**20, 2) for p in peaks["read_direct"]],
+        read_direct_relative_difference=round(rel["read_direct"], 4),
         peak_rss_mib={v: [round(r / 1024, 1) if r else None for r in rs] for v, rs in rss.items()},
         data_mib=[round(c * n * 4 / 2**20, 1) for c in counts],
         notes="fresh subprocess per measurement, median of repeats; tracemalloc tracks numpy buffers, not HDF5's "
@@ -455,6 +411,9 @@ def main(argv=None):
     p.add_argument("--rows", type=int, default=None, help="token rows for figure 1 (default 200000)")
     p.add_argument("--features", type=int, default=768)
     p.add_argument("--chunk", type=int, default=8192, help="rows per streamed chunk")
+    p.add_argument("--token-dtype", choices=("float32", "float64"), default="float32",
+                   help="dtype of the token rows in the HDF5 file of figure 1 (float64: like for like "
+                        "with the in-memory baseline, no conversion)")
     p.add_argument("--hdf5-chunk-rows", type=int, default=1024, help="HDF5 storage chunk (rows)")
     p.add_argument("--mem-rows", type=int, default=None, help="1x token rows for figure 3 (default 20000)")
     p.add_argument("--layers", type=int, default=None, help="DeiT-B layers for figure 2 (default 48)")
