@@ -3,8 +3,8 @@
 ``python -m data_tools.example_table [--reductions 0.3 0.5 0.6]`` prints one
 JSON line per (reduction, method) and a Markdown table: the original model,
 plain weight SVD (``--statistic weight``), activation-aware SVD with uniform
-ranks, greedy mixed-rank, greedy-hull, and greedy with compensation, on the 497 held-out
-test digits. Without compensation the residual rank is 0 (``none``), so every
+ranks, greedy mixed-rank, greedy-hull (with and without the local search),
+and greedy with compensation, on the 497 held-out test digits. Without compensation the residual rank is 0 (``none``), so every
 method spends the same budget on its principal factors.
 """
 
@@ -25,6 +25,8 @@ METHODS = {
     "activation-aware, uniform": ["--allocation", "uniform", "--compensation", "none"],
     "activation-aware, greedy": ["--allocation", "greedy", "--compensation", "none"],
     "activation-aware, greedy-hull": ["--allocation", "greedy-hull", "--compensation", "none"],
+    "activation-aware, greedy-hull + local search": ["--allocation", "greedy-hull", "--local-search",
+                                                     "--compensation", "none"],
     "greedy + compensation (sequential)": ["--allocation", "greedy", "--compensation", "sequential"],
 }
 
