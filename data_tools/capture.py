@@ -24,9 +24,9 @@ import sys
 import numpy as np
 
 from mrc_ref import vit
-from mrc_ref.backend import get_xp, to_device, to_host
+from mrc_ref.backend import DEVICES, get_xp, to_device, to_host
 from mrc_ref.errors import MrcError
-from mrc_ref.formats import read_safetensors, write_activations
+from mrc_ref.formats import check_output, read_safetensors, write_activations
 
 DEFAULT_PROXY_IMAGES = 32
 DEFAULT_BATCH_SIZE = 32
@@ -178,11 +178,7 @@ def run(weights, images_folder, output, *, images=None, proxy_images=DEFAULT_PRO
 
     from data_tools.images import iter_batches, list_images, model_input_size
 
-    out_dir = os.path.dirname(os.path.abspath(os.fspath(output)))
-    if not os.path.isdir(out_dir):  # fail before the work, not after it
-        raise MrcError("output directory does not exist", file=output)
-    if os.path.exists(output) and os.path.exists(weights) and os.path.samefile(output, weights):
-        raise MrcError("output would overwrite an input file", file=output)
+    check_output(output, (weights,))  # fail before the work, not after it
     xp = get_xp(device)
     tensors, metadata = read_safetensors(weights)
     try:
@@ -235,7 +231,7 @@ def main(argv=None):
                         help=f"store block-0 tokens of the first K images (default {DEFAULT_PROXY_IMAGES})")
     parser.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--num-heads", type=int, default=None, help="default: weights metadata, else D // 64")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--device", choices=DEVICES, default="cpu")
     parser.add_argument("--store-dtype", choices=("float64", "float32"), default="float64",
                         help="dtype of the stored statistics (accumulation is float64)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

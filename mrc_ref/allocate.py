@@ -17,8 +17,9 @@ from .errors import MrcError
 
 
 def break_even_rank(m, n, q):
-    """``r_max = ⌊m n / (m + n)⌋ − q``: ranks ``≥ r_max`` store no fewer
-    parameters than the dense ``m × n`` weight."""
+    """``r_max = ⌊m n / (m + n)⌋ − q`` (METHOD.md): a layer at rank ``≥ r_max``
+    stays dense. (Where ``m n / (m + n)`` is not whole, rank ``r_max`` itself
+    would still save a few parameters; METHOD.md's rule keeps it dense.)"""
     return (m * n) // (m + n) - q
 
 
@@ -109,13 +110,14 @@ def greedy(nmse, shapes, q, fixed, budget, step=1, entry="break-even"):
     check_budget(shapes, q, fixed, budget)
     ranks = [None] * len(shapes)
     total = total_params(shapes, ranks, q, fixed)
+    ok = compressible(shapes, q)
     heap = []
 
     def push(l):
         m, n = shapes[l]
         r = ranks[l]
         if r is None:
-            if not compressible(shapes[l : l + 1], q)[0]:
+            if not ok[l]:
                 return
             top = break_even_rank(m, n, q) - step
             grid = range(max(1, top), 0, -step) if entry == "hull" else [max(1, top)]
@@ -150,7 +152,7 @@ def _moves(nmse, shapes, q, l, r):
     if top < 1:
         return []
     out = []
-    for new in ([None, top] if r is None else [r - 1, r + 1 if r < top else None]):
+    for new in ([top] if r is None else [r - 1, r + 1 if r < top else None]):
         if new == 0:
             continue
         lost = (0.0 if new is None else float(nmse[l][new])) - (0.0 if r is None else float(nmse[l][r]))
@@ -267,18 +269,22 @@ def fixed_rank(shapes, q, rank):
     return [rank] * len(shapes)
 
 
-#: Allocation name -> rule; each returns a rank (or None) per layer.
-ALLOCATIONS = ("greedy", "greedy-hull", "threshold", "uniform")
+#: Allocation name -> rule ``(nmse, shapes, q, fixed, budget, step)``; each
+#: returns a rank (or None) per layer.
+ALLOCATIONS = {
+    "greedy": lambda nmse, shapes, q, fixed, budget, step: greedy(nmse, shapes, q, fixed, budget, step),
+    "greedy-hull": lambda nmse, shapes, q, fixed, budget, step: greedy(nmse, shapes, q, fixed, budget, step, "hull"),
+    "threshold": lambda nmse, shapes, q, fixed, budget, step: threshold(nmse, shapes, q, fixed, budget),
+    "uniform": lambda nmse, shapes, q, fixed, budget, step: uniform(shapes, q, fixed, budget),
+}
 
 
 def allocate(name, nmse, shapes, q, fixed, budget, step=1):
     """Dispatch to the allocation rule ``name`` (see :data:`ALLOCATIONS`)."""
-    if name in ("greedy", "greedy-hull"):
-        return greedy(nmse, shapes, q, fixed, budget, step, entry="hull" if name == "greedy-hull" else "break-even")
-    if name == "threshold":
-        return threshold(nmse, shapes, q, fixed, budget)
-    if name == "uniform":
-        return uniform(shapes, q, fixed, budget)
-    raise MrcError(f"unknown allocation {name!r}; expected one of {', '.join(ALLOCATIONS)}")
+    try:
+        rule = ALLOCATIONS[name]
+    except KeyError:
+        raise MrcError(f"unknown allocation {name!r}; expected one of {', '.join(ALLOCATIONS)}") from None
+    return rule(nmse, shapes, q, fixed, budget, step)
 
 

@@ -85,7 +85,3 @@ def to_host(a):
         return get()
     return np.asarray(a)
 
-
-def scalar(a):
-    """Return a 0-d array (any module) as a Python float."""
-    return float(to_host(a))

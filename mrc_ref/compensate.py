@@ -76,7 +76,7 @@ def prepare(W, A, B, C, K=None, Ct=None):
     return {"Z": Z, "WKt": W @ K.T, "ABCt": A @ (B @ Ct), "Ct": Ct}
 
 
-def compensate(W, A, B, P, Q, C, *, K=None, Ct=None, steps=500, lr=1e-3, xp, progress=None):
+def compensate(W, A, B, P, Q, C, *, K=None, Ct=None, steps=500, lr=1e-2, xp):
     """Train the residual ``P, Q`` by Adam on the normalized output loss.
 
     Parameters
@@ -95,8 +95,6 @@ def compensate(W, A, B, P, Q, C, *, K=None, Ct=None, steps=500, lr=1e-3, xp, pro
         Adam steps (full batch).
     lr : float
         Adam learning rate.
-    progress : callable, optional
-        Called as ``progress(step, loss)`` after each step.
 
     Returns
     -------
@@ -129,6 +127,4 @@ def compensate(W, A, B, P, Q, C, *, K=None, Ct=None, steps=500, lr=1e-3, xp, pro
             m_hat = mom / (1 - BETA1 ** (t + 1))
             v_hat = vel / (1 - BETA2 ** (t + 1))
             p -= lr * m_hat / (xp.sqrt(v_hat) + EPS)
-        if progress is not None:
-            progress(t + 1, history[t])
     return best[0], best[1], history

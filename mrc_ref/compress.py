@@ -9,8 +9,8 @@ import argparse
 import os
 import sys
 
-from . import formats, pipeline
-from .backend import get_xp
+from . import allocate, formats, pipeline, stats
+from .backend import DEVICES, DTYPES, get_xp
 from .errors import MrcError
 
 
@@ -25,9 +25,9 @@ def build_parser():
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--layers", default=",".join(d.layers),
                    help="comma-separated glob patterns of layer names (default: %(default)s)")
-    p.add_argument("--statistic", default=d.statistic, choices=["gram", "per-image", "mean-input", "weight"],
+    p.add_argument("--statistic", default=d.statistic, choices=list(stats.STATISTICS),
                    help="metric of Stage 1 (default: %(default)s)")
-    p.add_argument("--allocation", default=d.allocation, choices=["greedy", "greedy-hull", "threshold", "uniform"],
+    p.add_argument("--allocation", default=d.allocation, choices=list(allocate.ALLOCATIONS),
                    help="rank allocation rule of Stage 2 (default: %(default)s)")
     p.add_argument("--reduction", type=float, default=d.reduction,
                    help="fraction of the model's stored parameters to remove (default: %(default)s)")
@@ -37,13 +37,13 @@ def build_parser():
                    help="after the allocation, move single ranks between layers while the total NMSE falls")
     p.add_argument("--residual-rank", type=int, default=d.residual_rank,
                    help="rank q of the residual P Q, counted in the budget (default: %(default)s)")
-    p.add_argument("--compensation", default=d.compensation, choices=["auto", "sequential", "local", "none"],
+    p.add_argument("--compensation", default=d.compensation, choices=["auto", *pipeline.COMPENSATIONS],
                    help="Stage 3 mode; auto = sequential when acts.h5 has proxy tokens, else local")
     p.add_argument("--steps", type=int, default=d.steps, help="Adam steps per layer (default: %(default)s)")
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the residual's initial Q (default: %(default)s)")
-    p.add_argument("--device", default=d.device, choices=["cpu", "cuda"], help="NumPy or CuPy (default: %(default)s)")
-    p.add_argument("--dtype", default=d.dtype, choices=["float64", "float32"], help="internal math (default: %(default)s)")
+    p.add_argument("--device", default=d.device, choices=DEVICES, help="NumPy or CuPy (default: %(default)s)")
+    p.add_argument("--dtype", default=d.dtype, choices=list(DTYPES), help="internal math (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -93,13 +93,11 @@ def compress_files(weights, acts, output, config, *, report_path=None, quiet=Tru
     Returns the report (dict).
     """
     inputs = (weights, acts)
-    for out in (output, report_path):  # refuse before any work is done
-        if out is None:
-            continue
-        if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
-            raise MrcError("output directory does not exist", file=out)
-        if os.path.exists(out) and any(os.path.exists(i) and os.path.samefile(out, i) for i in inputs):
-            raise MrcError("output would overwrite an input file", file=out)
+    formats.check_output(output, inputs)  # refuse before any work is done
+    if report_path is not None:
+        formats.check_output(report_path, inputs + (output,))
+        if os.path.abspath(report_path) == os.path.abspath(output):
+            raise MrcError("the report would overwrite the compressed model", file=report_path)
     pipeline.check_config(config)
     xp = get_xp(config.device)
     tensors, metadata = formats.read_safetensors(weights)
@@ -109,7 +107,7 @@ def compress_files(weights, acts, output, config, *, report_path=None, quiet=Tru
         if proxy is not None and config.compensation in ("auto", "sequential"):
             from .sequential import make_sequential  # needs the ViT forward pass
 
-            sequential = make_sequential(tensors, metadata, proxy, progress=progress_bar(quiet))
+            sequential = make_sequential(tensors, metadata, proxy, progress=progress_bar(quiet), source=acts)
         out, report = pipeline.run(tensors, lambda name: formats.read_layer_stats(f, name, acts), config,
                                    xp=xp, progress=progress_bar(quiet), sequential=sequential,
                                    files=(weights, acts))

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 
 from . import formats, metrics, vit
-from .backend import get_dtype, get_xp, to_host
+from .backend import DEVICES, DTYPES, get_dtype, get_xp, to_host
 from .errors import MrcError
 
 
@@ -62,8 +62,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--crop-pct", type=float, default=0.875)
     p.add_argument("--num-heads", type=int)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="float64", choices=["float64", "float32"])
+    p.add_argument("--device", default="cpu", choices=DEVICES)
+    p.add_argument("--dtype", default="float64", choices=list(DTYPES))
     p.add_argument("--save-logits", help="write the logits (and labels) to this .npz")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -71,12 +71,17 @@ def main(argv=None):
     try:
         if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
             raise MrcError("--batch-size and --images must be positive")
+        if not 0 < args.crop_pct <= 1:
+            raise MrcError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
         kw = dict(num_heads=args.num_heads, batch_size=args.batch_size, limit=args.limit, crop_pct=args.crop_pct,
                   device=args.device, dtype=args.dtype, quiet=args.quiet)
         logits, labels = model_logits(args.weights, args.images, **kw)
         reference = None
         if args.reference:
             reference, _ = model_logits(args.reference, args.images, **kw)
+            if reference.shape != logits.shape:
+                raise MrcError(f"the reference has {reference.shape[1]} classes, the model {logits.shape[1]}",
+                               file=args.reference)
         result = metrics.summarize(logits, labels, reference)
         if args.save_logits:
             arrays = {"logits": logits} | ({} if labels is None else {"labels": labels})

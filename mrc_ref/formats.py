@@ -8,9 +8,11 @@ import struct
 import tempfile
 from contextlib import contextmanager
 
+import h5py
 import numpy as np
 
 from .errors import MrcError
+from .vit import dense_weight
 
 ACTS_FORMAT = "mrc_ref.activations"
 ACTS_VERSION = 1
@@ -20,30 +22,44 @@ FACTOR_SUFFIXES = ("lowrank_a", "lowrank_b", "residual_p", "residual_q")
 
 
 # ----------------------------------------------------------------- atomic output
+def check_output(path, inputs=()):
+    """Raise :class:`MrcError` unless ``path`` can be written: its directory
+    exists, it is not a directory, and it is none of ``inputs`` (same file by
+    any spelling or link). Called before any work, and again when writing."""
+    path = os.fspath(path)
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise MrcError("output directory does not exist", file=path)
+    if os.path.isdir(path):
+        raise MrcError("output is a directory", file=path)
+    for src in inputs:
+        if src is not None and os.path.exists(path) and os.path.exists(src) and os.path.samefile(path, src):
+            raise MrcError("output would overwrite an input file", file=path)
+
+
 @contextmanager
 def atomic_path(path, inputs=()):
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if
     the block succeeds, so a reader never sees a half-written file.
 
-    Raises :class:`MrcError` when ``path`` is one of ``inputs``.
+    Raises :class:`MrcError` when :func:`check_output` refuses ``path`` or the
+    operating system refuses the write (permissions, full disk).
     """
     path = os.fspath(path)
-    for src in inputs:
-        if src is not None and os.path.exists(path) and os.path.exists(src) and os.path.samefile(path, src):
-            raise MrcError("output would overwrite an input file", file=path)
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise MrcError("output directory does not exist", file=path)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+    check_output(path, inputs)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                                   dir=os.path.dirname(os.path.abspath(path)))
+        os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:
+        raise MrcError(f"cannot write: {exc.strerror or exc}", file=path) from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
@@ -122,8 +138,6 @@ def write_activations(path, layers, proxy_tokens=None, attrs=None, inputs=()):
     attrs : dict, optional
         Extra root attributes (provenance).
     """
-    import h5py
-
     with atomic_path(path, inputs) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["format"] = ACTS_FORMAT
@@ -150,8 +164,6 @@ def open_activations(path):
 
     Yields the open ``h5py.File``; datasets are read lazily (streamed).
     """
-    import h5py
-
     path = os.fspath(path)
     try:
         f = h5py.File(path, "r")
@@ -166,11 +178,12 @@ def open_activations(path):
         if fmt != ACTS_FORMAT:
             raise MrcError(f"format attribute is {fmt!r}, expected {ACTS_FORMAT!r}", file=path)
         version = f.attrs.get("version")
-        if version is None or int(version) != ACTS_VERSION:
-            raise MrcError(f"unsupported version {getattr(version, 'item', lambda: version)()!r}, "
-                           f"expected {ACTS_VERSION}", file=path)
-        if "layers" not in f:
-            raise MrcError("no 'layers' group", file=path)
+        version = getattr(version, "item", lambda: version)()
+        if not isinstance(version, (int, np.integer)) or version != ACTS_VERSION:
+            raise MrcError(f"unsupported version {version!r}, expected {ACTS_VERSION}", file=path)
+        for group, needed in (("layers", True), ("proxy", False)):
+            if (needed or group in f) and not isinstance(f.get(group), h5py.Group):
+                raise MrcError(f"no '{group}' group", file=path)
         yield f
     finally:
         f.close()
@@ -204,7 +217,7 @@ def read_layer_stats(f, name, path=None):
 
 def read_proxy_tokens(f):
     """Return ``proxy/tokens`` of an open ``acts.h5`` as float32, or ``None``."""
-    if "proxy" in f and "tokens" in f["proxy"]:
+    if "proxy" in f and isinstance(f["proxy"].get("tokens"), h5py.Dataset):
         try:
             return np.asarray(f["proxy"]["tokens"][()], dtype=np.float32)
         except Exception as exc:
@@ -260,13 +273,8 @@ def densify(tensors, dtype=None):
         name = parts[key]
         if key != name + ".lowrank_a":
             continue
-        if name + ".lowrank_b" not in tensors:
-            raise MrcError("has lowrank_a but no lowrank_b", layer=name)
-        A = tensors[name + ".lowrank_a"]
-        W = A.astype(np.float64) @ tensors[name + ".lowrank_b"].astype(np.float64)
-        if name + ".residual_p" in tensors:
-            W += tensors[name + ".residual_p"].astype(np.float64) @ tensors[name + ".residual_q"].astype(np.float64)
-        out[name + ".weight"] = W.astype(dtype or A.dtype)
+        factors = {k: tensors[k].astype(np.float64) for k in (f"{name}.{s}" for s in FACTOR_SUFFIXES) if k in tensors}
+        out[name + ".weight"] = dense_weight(factors, name, np).astype(dtype or value.dtype)
     return out
 
 

@@ -11,12 +11,12 @@ import re
 
 import numpy as np
 
-from . import allocate, compensate, stats, svd
+from . import allocate, compensate, stats, svd, vit
 from .backend import get_dtype, to_host
 from .errors import MrcError
 
 #: The timm ViT block linears, in forward order within a block.
-DEFAULT_LAYERS = ("blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2")
+DEFAULT_LAYERS = tuple(f"blocks.*.{leaf}" for leaf in vit.BLOCK_LINEARS)
 COMPENSATIONS = ("sequential", "local", "none")
 
 
@@ -68,6 +68,8 @@ def check_config(config):
         raise MrcError(f"--residual-rank must be ≥ 0, got {config.residual_rank}")
     if config.steps < 0:
         raise MrcError(f"--steps must be ≥ 0, got {config.steps}")
+    if config.seed < 0:
+        raise MrcError(f"--seed must be ≥ 0, got {config.seed}")
     if not config.lr > 0:
         raise MrcError(f"--lr must be positive, got {config.lr}")
     get_dtype(config.dtype)
@@ -75,7 +77,7 @@ def check_config(config):
         raise MrcError("--layers selects no pattern")
 
 
-_VIT_ORDER = {"attn.qkv": 0, "attn.proj": 1, "mlp.fc1": 2, "mlp.fc2": 3}
+_VIT_ORDER = {leaf: i for i, leaf in enumerate(vit.BLOCK_LINEARS)}
 
 
 def _order_key(name):
@@ -92,9 +94,10 @@ def _order_key(name):
 
 
 def select_layers(tensors, patterns):
-    """Names ``<name>`` of 2-D ``<name>.weight`` tensors matching any glob
-    pattern, in forward order."""
-    names = [k[: -len(".weight")] for k, v in tensors.items() if k.endswith(".weight") and v.ndim == 2]
+    """Names ``<name>`` of 2-D floating-point ``<name>.weight`` tensors
+    matching any glob pattern, in forward order."""
+    names = [k[: -len(".weight")] for k, v in tensors.items()
+             if k.endswith(".weight") and v.ndim == 2 and np.issubdtype(v.dtype, np.floating)]
     chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     if not chosen:
         raise MrcError(f"--layers {','.join(patterns)} matches no 2-D '<name>.weight' tensor")
@@ -109,10 +112,9 @@ def count_params(tensors):
 def _layer_metric(name, W, raw, config, xp, dtype):
     """The validated metric ``C`` of layer ``name`` for the configured statistic."""
     try:
-        st = stats.validate(raw, W.shape[1], xp, dtype, need_normalized=config.statistic == "per-image")
+        return stats.metric(config.statistic, stats.validate(raw, W.shape[1], xp, dtype), W.shape[1], xp)
     except MrcError as err:
         raise err.at(layer=name) from None
-    return stats.metric(config.statistic, st, W.shape[1], xp)
 
 
 def run(tensors, load_stats, config, *, xp, progress=None, sequential=None, files=(None, None)):
@@ -213,7 +215,10 @@ def _run(tensors, load_stats, config, xp, progress, sequential, files):
     residuals = {}
     if q > 0 and factors:
         if compensation == "sequential":
-            residuals = sequential(factors, config, xp)
+            try:
+                residuals = sequential(factors, config, xp)
+            except MrcError as err:  # the forward pass's problems concern the model
+                raise err.at(file=files[0]) from None
         else:
             for name in progress(list(factors), f"stage 3 ({compensation} compensation)"):
                 index, W, A, B = factors[name]

@@ -8,20 +8,14 @@ compensated, both computed with the ViT forward pass from the proxy tokens
 ``C = XᵀX``, ``K = X̃ᵀX``, ``C̃ = X̃ᵀX̃`` by :func:`mrc_ref.compensate.compensate`.
 """
 
-import re
-
 from . import compensate, vit
 from .backend import get_dtype
 from .errors import MrcError
 
-_BLOCK = re.compile(r"^blocks\.(\d+)\.")
-
-
 def _stage(name):
     """Where layer ``name`` runs: its block index, or ``None`` for the head."""
-    match = _BLOCK.match(name)
-    if match:
-        return int(match.group(1))
+    if vit.block_index(name) is not None:
+        return vit.block_index(name)
     if name in vit.HEAD_LINEARS:
         return None
     raise MrcError("sequential compensation handles the block linears and the head only", layer=name)
@@ -95,16 +89,18 @@ def compensate_sequential(original, factors, tokens, config, *, num_heads, xp, p
     return done
 
 
-def make_sequential(tensors, metadata, tokens, *, progress=None, num_heads=None):
+def make_sequential(tensors, metadata, tokens, *, progress=None, num_heads=None, source=None):
     """Bind the model and proxy tokens into the ``sequential`` callable that
-    :func:`mrc_ref.pipeline.run` expects."""
+    :func:`mrc_ref.pipeline.run` expects (``source``: the tokens' file, for
+    error messages)."""
     heads = vit.resolve_num_heads(tensors, num_heads, metadata)
 
     def run(factors, config, xp):
         original = vit.prepare(tensors, xp, get_dtype(config.dtype))
         if tuple(tokens.shape[1:]) != tuple(original["pos_embed"].shape[1:]):
             raise MrcError(f"proxy/tokens have shape {tuple(tokens.shape)}, expected (images, "
-                           f"{', '.join(str(s) for s in original['pos_embed'].shape[1:])}) from pos_embed")
+                           f"{', '.join(str(s) for s in original['pos_embed'].shape[1:])}) from pos_embed",
+                           file=source)
         return compensate_sequential(original, factors, tokens, config,
                                      num_heads=heads, xp=xp, progress=progress)
 

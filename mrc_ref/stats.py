@@ -73,12 +73,12 @@ def _check_matrix(c, n, what, xp):
     return (c + c.T) / 2
 
 
-def validate(stats, n, xp, dtype=None, need_normalized=False):
+def validate(stats, n, xp, dtype=None):
     """Check one layer's raw statistics and return them on ``xp`` in ``dtype``.
 
     Checks: ``gram`` is ``n × n``, finite, symmetric (``SYMMETRY_RTOL``), not
     all zero, with a non-negative diagonal; ``sum`` has ``n`` finite entries;
-    ``rows > 0``; the same for ``gram_normalized`` when present or needed.
+    ``rows > 0``; the same for ``gram_normalized`` when present.
     Positive semi-definiteness is checked on the spectrum Stage 1 computes
     (:func:`mrc_ref.svd.output_basis`).
 
@@ -106,8 +106,6 @@ def validate(stats, n, xp, dtype=None, need_normalized=False):
     normalized = stats.get("gram_normalized")
     if normalized is not None:
         normalized = _check_matrix(xp.asarray(normalized, dtype=dtype), n, "gram_normalized", xp)
-    elif need_normalized:
-        raise MrcError("statistic 'per-image' needs 'gram_normalized', which the activations file lacks")
     return {"gram": gram, "sum": total, "rows": rows, "gram_normalized": normalized}
 
 
@@ -119,6 +117,8 @@ def metric_gram(stats, n, xp):
 def metric_per_image(stats, n, xp):
     """``per-image``: ``C_norm = (1/N_img) Σ_i X_iᵀ X_i / ‖X_i Wᵀ‖²_F``, stored
     as ``gram_normalized`` by the capture (it needs the layer's weight)."""
+    if stats["gram_normalized"] is None:
+        raise MrcError("statistic 'per-image' needs 'gram_normalized', which the activations file lacks")
     return stats["gram_normalized"]
 
 

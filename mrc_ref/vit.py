@@ -125,6 +125,12 @@ def resolve_num_heads(params, num_heads=None, metadata=None):
     return heads
 
 
+def block_index(name):
+    """The block ``i`` of a key or layer name ``blocks.<i>.…``, else ``None``."""
+    m = _BLOCK_KEY.match(name)
+    return int(m.group(1)) if m else None
+
+
 def depth(params):
     """Number of transformer blocks (``blocks.<i>.*`` with i = 0 .. depth-1).
 
@@ -133,11 +139,7 @@ def depth(params):
     MrcError
         When the block indices are not contiguous from 0.
     """
-    found = set()
-    for key in params:
-        m = _BLOCK_KEY.match(key)
-        if m:
-            found.add(int(m.group(1)))
+    found = {block_index(key) for key in params} - {None}
     n = len(found)
     if found != set(range(n)):
         missing = min(set(range(max(found) + 1)) - found)
@@ -238,13 +240,16 @@ def linear(params, name, x, xp, *, bias=True):
 def dense_weight(params, name, xp):
     """The (m, n) weight of linear layer ``name``: ``W``, or ``A B + P Q``.
 
-    For statistics and tests only; the forward pass never densifies.
+    For statistics, :func:`mrc_ref.formats.densify` and tests; the forward
+    pass never densifies.
     """
     if f"{name}.weight" in params:
         return params[f"{name}.weight"]
     if f"{name}.lowrank_a" not in params or f"{name}.lowrank_b" not in params:
         raise MrcError("missing: no weight and no lowrank_a/lowrank_b", layer=name)
     w = params[f"{name}.lowrank_a"] @ params[f"{name}.lowrank_b"]
+    if (f"{name}.residual_p" in params) != (f"{name}.residual_q" in params):
+        raise MrcError("needs both residual_p and residual_q, or neither", layer=name)
     if f"{name}.residual_p" in params:
         w = w + params[f"{name}.residual_p"] @ params[f"{name}.residual_q"]
     return w

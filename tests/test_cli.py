@@ -312,6 +312,11 @@ def _delete(acts, path):
         del f[path]
 
 
+def _dataset(acts, path):
+    with h5py.File(acts, "a") as f:
+        f.create_dataset(path, data=np.zeros(3))
+
+
 def _write_text(path, text):
     with open(path, "w") as fh:
         fh.write(text)
@@ -409,6 +414,13 @@ BAD = {
     "report-is-weights": Case(lambda c: c.set(report=c.weights), "weights", None, ["input"]),
     "output-dir-missing": Case(lambda c: c.set(out=os.path.join(c.dir, "nowhere", "o.safetensors")), "out"),
     "report-dir-missing": Case(lambda c: c.set(report=os.path.join(c.dir, "nowhere", "r.json")), "report"),
+    "seed-negative": Case(lambda c: ["--seed", "-1"], None, None, ["--seed"]),
+    "output-is-a-directory": Case(lambda c: c.set(out=c.dir), "out", None, ["directory"]),
+    "report-is-output": Case(lambda c: c.set(report=c.out), "report", None, ["overwrite"]),
+    "acts-version-text": Case(lambda c: _root_attr(c.acts, "version", "one"), "acts", None, ["version"]),
+    "acts-layers-not-a-group": Case(lambda c: _delete(c.acts, "layers") or _root_attr(c.acts, "x", 0)
+                                    or _dataset(c.acts, "layers"), "acts", None, ["layers"]),
+    "acts-proxy-not-a-group": Case(lambda c: _dataset(c.acts, "proxy"), "acts", None, ["proxy"]),
     "layers-match-nothing": Case(lambda c: ["--layers", "nomatch.*"], None, None, ["nomatch"]),
     "device-cuda": Case(lambda c: ["--device", "cuda"], None, None, ["cuda"]),
 }

@@ -110,3 +110,15 @@ def test_capture_cli_writes_a_readable_file(small_folder, tmp_path):
         st = formats.read_layer_stats(f, "blocks.0.attn.qkv")
         assert st["rows"] == 20 * 17
         assert formats.read_proxy_tokens(f).shape == (4, 17, 64)
+
+
+def test_reference_with_other_classes_and_bad_crop_exit_2(small_folder, tmp_path):
+    from data_tools import synthetic
+    from mrc_ref import formats
+
+    other = tmp_path / "other.safetensors"
+    formats.write_safetensors(other, synthetic.make_model(0, classes=5), {"num_heads": "4"})
+    for extra, words in ((["--reference", other], "classes"), (["--crop-pct", "1.5"], "--crop-pct")):
+        res = run("mrc_ref.evaluate", example_data.WEIGHTS, small_folder, *extra, "--quiet")
+        assert res.returncode == 2 and "Traceback" not in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1 and words in res.stderr

@@ -426,7 +426,7 @@ def test_write_safetensors_failing_midway_leaves_no_file(tmp_path, monkeypatch, 
     if existing:
         target.write_bytes(b"previous content")
     monkeypatch.setattr(formats, "open", _failing_open, raising=False)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(MrcError, match="cannot write: .*simulated"):  # a user error, not a traceback
         formats.write_safetensors(target, ROUND_TRIP, {"a": "b"})
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == (["out.safetensors"] if existing else [])
@@ -436,7 +436,7 @@ def test_write_safetensors_failing_midway_leaves_no_file(tmp_path, monkeypatch, 
 
 def test_write_json_failing_midway_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.setattr(formats, "open", _failing_open, raising=False)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(MrcError, match="cannot write: .*simulated"):
         formats.write_json(tmp_path / "r.json", {"a": list(range(100))})
     monkeypatch.undo()
     assert os.listdir(tmp_path) == []

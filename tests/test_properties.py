@@ -49,7 +49,7 @@ def allocation_problem(draw):
 
 
 @settings(max_examples=150, deadline=None)
-@given(problem=allocation_problem(), name=st.sampled_from(al.ALLOCATIONS), step=st.integers(1, 3))
+@given(problem=allocation_problem(), name=st.sampled_from(list(al.ALLOCATIONS)), step=st.integers(1, 3))
 def test_allocation_meets_budget_or_says_why(problem, name, step):
     shapes, curves, q, fixed, frac = problem
     dense = al.total_params(shapes, [None] * len(shapes), q, fixed)

@@ -47,7 +47,7 @@ def test_validation_errors(edit, message):
 
 def test_per_image_needs_normalized():
     with pytest.raises(MrcError, match="gram_normalized"):
-        stats.validate(good(), 4, np, need_normalized=True)
+        stats.metric("per-image", stats.validate(good(), 4, np), 4, np)
 
 
 def test_metrics():
