@@ -38,6 +38,7 @@ import math
 
 import numpy as np
 import pytest
+from helpers import stage_one
 
 from data_tools import example_data, synthetic
 from data_tools.capture import capture_statistics
@@ -95,14 +96,7 @@ def test_stage1(statistic, shape):
     W = rng.standard_normal(shape) * np.exp(-np.arange(n) / n)  # decaying input scales
     raw = synthetic.statistics_from_tokens(synthetic.make_tokens(n, 16 * 17, seed=3), W, 17)
     rank = 1 if statistic == "mean-input" else min(m, n) // 4
-    out = {}
-    for xp in (np, cp):
-        st = stats.validate(raw, n, xp)
-        C = stats.metric(statistic, st, n, xp)
-        Wx = xp.asarray(W)
-        U, s2 = svd.output_basis(Wx, C, xp)
-        A, B = svd.factors(Wx, U, rank)
-        out[xp] = dict(C=C, U=U, s2=s2, curve=svd.nmse_curve(s2, xp), AB=A @ B, nmse=svd.nmse(Wx, A @ B, C, xp))
+    out = {xp: stage_one(xp, raw, W, statistic, rank) for xp in (np, cp)}
     ref, got = out[np], out[cp]
     close(ref["C"], on_gpu(got["C"]), GRAM_RTOL)
     close(ref["s2"], on_gpu(got["s2"]), SPECTRUM_RTOL, scale=float(ref["s2"][0]))

@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 import pytest
 import scipy.special
+from helpers import stage_one
 from strict_xp import StrictArray
 from strict_xp import xp as sx
 
@@ -158,16 +159,7 @@ def test_stage1(statistic, shape):
     n = shape[1]
     weight = np.random.default_rng(1).standard_normal(shape)
     raw = synthetic.statistics_from_tokens(synthetic.make_tokens(n, 8 * 17, seed=5), weight, 17)
-    results = {}
-    for xp in (np, sx):
-        st = stats.validate(raw, n, xp)
-        C = stats.metric(statistic, st, n, xp)
-        W = xp.asarray(weight)
-        U, s2 = svd.output_basis(W, C, xp)
-        curve = svd.nmse_curve(s2, xp)
-        A, B = svd.factors(W, U, 5)
-        results[xp.__name__] = dict(gram=st["gram"], C=C, U=U, s2=s2, curve=curve, energy=svd.energy_curve(s2, xp),
-                                    A=A, B=B, nmse=svd.nmse(W, A @ B, C, xp))
+    results = {xp.__name__: stage_one(xp, raw, weight, statistic, 5) for xp in (np, sx)}
     ref, got = results["numpy"], results["strict_xp"]
     for key in ("gram", "C", "U", "s2", "curve", "energy", "A", "B"):
         close(ref[key], host(got[key]))
