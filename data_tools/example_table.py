@@ -4,8 +4,9 @@
 JSON line per (reduction, method) and a Markdown table: the original model,
 plain weight SVD (``--statistic weight``), activation-aware SVD with uniform
 ranks, greedy mixed-rank, greedy-hull (with and without the local search),
-and greedy with compensation, on the 497 held-out test digits. Without compensation the residual rank is 0 (``none``), so every
-method spends the same budget on its principal factors.
+and greedy with compensation, on the 497 held-out test digits. Without
+compensation the residual rank is 0 (``none``), so every method spends the
+same budget on its principal factors.
 """
 
 import argparse

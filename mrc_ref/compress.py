@@ -102,9 +102,9 @@ def compress_files(weights, acts, output, config, *, report_path=None, quiet=Tru
     xp = get_xp(config.device)
     tensors, metadata = formats.read_safetensors(weights)
     with formats.open_activations(acts) as f:
-        proxy = formats.read_proxy_tokens(f)
+        proxy = formats.read_proxy_tokens(f) if config.compensation in ("auto", "sequential") else None
         sequential = None
-        if proxy is not None and config.compensation in ("auto", "sequential"):
+        if proxy is not None:
             from .sequential import make_sequential  # needs the ViT forward pass
 
             sequential = make_sequential(tensors, metadata, proxy, progress=progress_bar(quiet), source=acts)

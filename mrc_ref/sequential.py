@@ -12,6 +12,7 @@ from . import compensate, vit
 from .backend import get_dtype
 from .errors import MrcError
 
+
 def _stage(name):
     """Where layer ``name`` runs: its block index, or ``None`` for the head."""
     if vit.block_index(name) is not None:
