@@ -95,7 +95,8 @@ def statistics_from_tokens(X, W, tokens_per_image):
     W = np.asarray(W, dtype=np.float64)
     images = X.reshape(-1, tokens_per_image, X.shape[1])
     grams = np.einsum("btn,btk->bnk", images, images)
-    energy = np.einsum("btm,btm->b", images @ W.T, images @ W.T)
+    outputs = images @ W.T
+    energy = np.einsum("btm,btm->b", outputs, outputs)
     return {
         "gram": X.T @ X,
         "sum": X.sum(axis=0),

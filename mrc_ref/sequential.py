@@ -15,10 +15,9 @@ from .errors import MrcError
 
 def _stage(name):
     """Where layer ``name`` runs: its block index, or ``None`` for the head."""
-    if vit.block_index(name) is not None:
-        return vit.block_index(name)
-    if name in vit.HEAD_LINEARS:
-        return None
+    index = vit.block_index(name)
+    if index is not None or name in vit.HEAD_LINEARS:
+        return index
     raise MrcError("sequential compensation handles the block linears and the head only", layer=name)
 
 
