@@ -7,6 +7,8 @@ compressed layout (docs/formats.md) and a JSON-ready report.
 
 import dataclasses
 import fnmatch
+import math
+import numbers
 import re
 
 import numpy as np
@@ -32,13 +34,15 @@ class Config:
 
     layers: tuple = DEFAULT_LAYERS
     statistic: str = "gram"
-    allocation: str = "greedy"
+    allocation: str = "optimal"
     reduction: float = 0.6
     rank: int | None = None
     rank_step: int = 1
     local_search: bool = False
     residual_rank: int = 8
     compensation: str = "auto"
+    solver: str = "exact"
+    damping: float = compensate.DEFAULT_DAMP
     steps: int = 500
     lr: float = 1e-2
     seed: int = 0
@@ -50,8 +54,21 @@ class Config:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
 
+#: The largest ``--lr`` accepted: Adam moves every entry of ``P`` and ``Q`` by
+#: about ``lr`` per step, far beyond the scale of any weight above 1.
+MAX_LR = 1.0
+
+
 def check_config(config):
-    """Raise :class:`MrcError` for option values out of range."""
+    """Raise :class:`MrcError` for option values out of range.
+
+    Every floating-point field of :class:`Config`, whatever it is, must be
+    finite (no NaN or infinity reaches the math, the metadata or the report).
+    """
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and not math.isfinite(value):
+            raise MrcError(f"--{field.name.replace('_', '-')} must be a finite number, got {value}")
     if config.statistic not in stats.STATISTICS:
         raise MrcError(f"unknown statistic {config.statistic!r}; expected one of {', '.join(stats.STATISTICS)}")
     if config.allocation not in allocate.ALLOCATIONS:
@@ -66,12 +83,16 @@ def check_config(config):
         raise MrcError(f"--rank-step must be ≥ 1, got {config.rank_step}")
     if config.residual_rank < 0:
         raise MrcError(f"--residual-rank must be ≥ 0, got {config.residual_rank}")
+    if config.solver not in compensate.SOLVERS:
+        raise MrcError(f"unknown solver {config.solver!r}; expected one of {', '.join(compensate.SOLVERS)}")
+    if not config.damping >= 0:
+        raise MrcError(f"--damping must be ≥ 0, got {config.damping}")
     if config.steps < 0:
         raise MrcError(f"--steps must be ≥ 0, got {config.steps}")
     if config.seed < 0:
         raise MrcError(f"--seed must be ≥ 0, got {config.seed}")
-    if not config.lr > 0:
-        raise MrcError(f"--lr must be positive, got {config.lr}")
+    if not 0 < config.lr <= MAX_LR:
+        raise MrcError(f"--lr must be positive and at most {MAX_LR:g}, got {config.lr}")
     get_dtype(config.dtype)
     if not config.layers:
         raise MrcError("--layers selects no pattern")
@@ -151,8 +172,8 @@ def run(tensors, load_stats, config, *, xp, progress=None, sequential=None, file
     check_config(config)
     try:
         return _run(tensors, load_stats, config, xp, progress, sequential, files)
-    except MrcError as err:  # a layer's problem is in its statistics; the rest concerns the model
-        raise err.at(file=files[1] if err.layer else files[0]) from None
+    except MrcError as err:  # each statistics error names its file where raised; the rest concerns the model
+        raise err.at(file=files[0]) from None
 
 
 def _run(tensors, load_stats, config, xp, progress, sequential, files):
@@ -176,24 +197,32 @@ def _run(tensors, load_stats, config, xp, progress, sequential, files):
         W = xp.asarray(tensors[name + ".weight"], dtype=dtype)
         if not bool(xp.isfinite(W).all()):
             raise MrcError("weight contains NaN or Inf", file=files[0], layer=name)
-        C = _layer_metric(name, W, load_stats(name), config, xp, dtype)
-        try:
+        if not (W.size and float(xp.abs(W).max()) > 0):
+            raise MrcError(f"weight of shape {tuple(W.shape)} is all zero or empty", file=files[0], layer=name)
+        try:  # W is valid here, so what fails below is the statistic's (or W C Wᵀ's) fault
+            C = _layer_metric(name, W, load_stats(name), config, xp, dtype)
             U, s2 = svd.output_basis(W, C, xp)
         except MrcError as err:
-            raise err.at(layer=name) from None
+            raise err.at(file=files[1], layer=name) from None
         keep = max(allocate.break_even_rank(*W.shape, 0), config.rank or 0)
         bases[name] = U[:, :keep]
         curves.append(to_host(svd.nmse_curve(s2, xp)))
 
-    # Stage 2: ranks.
-    budget = int(np.floor((1 - config.reduction) * p_total))
+    # Stage 2: ranks, and the exact optimum (or a proven bound) to measure them against.
     if config.rank is not None:
         ranks = allocate.fixed_rank(shapes, q, config.rank)
-        budget = None
+        budget = bound = None
+        exact = False
     else:
-        ranks = allocate.allocate(config.allocation, curves, shapes, q, fixed, budget, config.rank_step)
+        budget = allocate.parameter_budget(p_total, config.reduction)
+        best, bound, exact = allocate.optimal(curves, shapes, q, fixed, budget)
+        if config.allocation == "optimal":
+            ranks = best
+        else:
+            ranks = allocate.allocate(config.allocation, curves, shapes, q, fixed, budget, config.rank_step)
         if config.local_search:
             ranks = allocate.local_search(curves, shapes, q, fixed, budget, ranks)
+    value = allocate.objective(curves, ranks)
 
     # Factors, then Stage 3.
     out = dict(tensors)
@@ -202,14 +231,16 @@ def _run(tensors, load_stats, config, xp, progress, sequential, files):
         entry = {"name": name, "shape": [m, n], "statistic": config.statistic,
                  "rank": rank, "residual_rank": 0, "params_before": m * n,
                  "params_after": allocate.layer_params(m, n, rank, q),
-                 "nmse_stage1": 0.0, "nmse_stage3": 0.0}
+                 "nmse_stage1": 0.0, "loss_stage1": 0.0, "nmse_stage3": 0.0, "loss_stage3": 0.0,
+                 "residual_norm": 0.0}
         layers.append(entry)
         if rank is None:
             continue
         W = xp.asarray(tensors[name + ".weight"], dtype=dtype)
         A, B = svd.factors(W, bases[name], rank)
         factors[name] = (index, W, A, B)
-        entry["nmse_stage1"] = entry["nmse_stage3"] = float(curves[index][rank])
+        for key in ("nmse_stage1", "loss_stage1", "nmse_stage3", "loss_stage3"):
+            entry[key] = float(curves[index][rank])
     bases.clear()
 
     residuals = {}
@@ -223,9 +254,9 @@ def _run(tensors, load_stats, config, xp, progress, sequential, files):
             for name in progress(list(factors), f"stage 3 ({compensation} compensation)"):
                 index, W, A, B = factors[name]
                 C = _layer_metric(name, W, load_stats(name), config, xp, dtype)
-                P0, Q0 = compensate.init_residual(W.shape[0], W.shape[1], q, config.seed, index, xp, dtype)
-                P, Q, history = compensate.compensate(W, A, B, P0, Q0, C, steps=config.steps, lr=config.lr, xp=xp)
-                residuals[name] = (P, Q, {"loss_stage1": float(history[0]), "loss_stage3": float(history.min())})
+                residuals[name] = compensate.solve(W, A, B, q, C, solver=config.solver, damp=config.damping,
+                                                   steps=config.steps, lr=config.lr, seed=config.seed,
+                                                   layer_index=index, xp=xp)
 
     for name, (index, W, A, B) in factors.items():
         stored = tensors[name + ".weight"].dtype
@@ -238,13 +269,19 @@ def _run(tensors, load_stats, config, xp, progress, sequential, files):
             out[name + ".residual_p"] = to_host(P).astype(stored)
             out[name + ".residual_q"] = to_host(Q).astype(stored)
             entry["residual_rank"] = q
-            entry["nmse_stage3"] = info["loss_stage3"]
-            entry["loss_stage1"] = info["loss_stage1"]
+            entry.update(info)
 
     p_after = count_params(out)
     report = {
         "config": {**config.to_json(), "compensation": compensation, "residual_rank": q},
         "layers": layers,
+        "allocation": {
+            "rule": "fixed rank" if config.rank is not None else config.allocation,
+            "objective": value,
+            "lower_bound": bound,
+            "bound": None if bound is None else ("exact optimum" if exact else "LP relaxation"),
+            "relative_gap": None if bound is None else allocate.relative_gap(value, bound),
+        },
         "totals": {
             "params_before": p_total,
             "params_after": p_after,

@@ -4,12 +4,14 @@ layer, in forward order, for the error of the layers before it.
 For layer ``l``, ``X`` are its inputs in the original model and ``X̃`` its
 inputs in the model whose earlier layers are already compressed and
 compensated, both computed with the ViT forward pass from the proxy tokens
-(block-0 inputs). The residual is then trained on the Grams
-``C = XᵀX``, ``K = X̃ᵀX``, ``C̃ = X̃ᵀX̃`` by :func:`mrc_ref.compensate.compensate`.
+(block-0 inputs), in batches of images. The residual is then solved on the
+Grams ``C = XᵀX``, ``K = X̃ᵀX``, ``C̃ = X̃ᵀX̃`` by :func:`mrc_ref.compensate.solve`.
 """
 
+import numpy as np
+
 from . import compensate, vit
-from .backend import get_dtype
+from .backend import get_dtype, to_host
 from .errors import MrcError
 
 
@@ -37,62 +39,103 @@ def _inputs(params, stage, h, name, num_heads, xp):
     return x.reshape(-1, x.shape[-1])
 
 
-def compensate_sequential(original, factors, tokens, config, *, num_heads, xp, progress=None):
+#: Proxy images per batch of the forward pass **[choice]**: memory is that of
+#: one batch's activations, whatever the number of proxy images.
+BATCH_IMAGES = 64
+
+
+def _batches(count, size):
+    return [slice(i, min(i + size, count)) for i in range(0, count, size)]
+
+
+def compensate_sequential(original, factors, tokens, config, *, num_heads, xp, progress=None,
+                          scratch=None, batch=BATCH_IMAGES, source=None):
     """Run the sequential Stage 3 over the factored layers.
+
+    The two token streams (inputs of the current block in the original and in
+    the compressed model) live in host arrays from ``scratch``, advanced one
+    block at a time in batches of ``batch`` images; each layer's Grams
+    ``C = XᵀX``, ``K = X̃ᵀX``, ``C̃ = X̃ᵀX̃`` are summed over the batches. With
+    a disk-backed ``scratch`` the memory used is that of one batch.
 
     Parameters
     ----------
     original : dict of str -> xp array
         The original model, prepared (:func:`mrc_ref.vit.prepare`).
     factors : dict of str -> (index, W, A, B)
-        The Stage-1 factors of each factored layer (``index`` seeds ``Q``).
-    tokens : xp array (images, tokens, d)
-        Proxy tokens: block-0 inputs of the original model.
+        The Stage-1 factors of each factored layer (``index`` seeds Adam's ``Q``).
+    tokens : array-like (images, tokens, d)
+        Proxy tokens: block-0 inputs of the original model (a host array or
+        anything sliceable along the first axis into one).
     config : mrc_ref.pipeline.Config
-        ``residual_rank``, ``steps``, ``lr``, ``seed``, ``dtype``.
+        ``residual_rank``, ``solver``, ``damping``, ``steps``, ``lr``, ``seed``, ``dtype``.
     num_heads : int
     progress : callable, optional
         ``progress(iterable, desc) -> iterable``.
+    scratch : callable, optional
+        ``scratch(shape, dtype) -> writable host array`` for the two streams;
+        default ``numpy.empty`` (in memory).
+    batch : int
+        Images per forward batch.
+    source : str, optional
+        The tokens' file, named in errors about them.
 
     Returns
     -------
     dict of str -> (P, Q, info)
-        ``info`` holds ``loss_stage1`` (the loss with ``P = 0``, including the
-        error arriving from upstream) and ``loss_stage3`` (the best loss).
+        ``info`` from :func:`mrc_ref.compensate.losses`; its ``loss_stage1``
+        is the loss with ``P Q = 0``, including the error arriving from upstream.
     """
     progress = progress or (lambda it, desc: it)
+    scratch = scratch or np.empty
     dtype = get_dtype(config.dtype)
-    q = config.residual_rank
     stages = {name: _stage(name) for name in factors}
     order = [name for name in vit.linear_names(original) if name in stages]  # forward order
     compressed = dict(original)
-    h_orig = h_comp = xp.asarray(tokens, dtype=dtype)
+    count = int(tokens.shape[0])
+    if count < 1:
+        raise MrcError("proxy/tokens holds no image", file=source)
+    chunks = _batches(count, batch)
+    streams = {"original": scratch(tuple(tokens.shape), dtype), "compressed": scratch(tuple(tokens.shape), dtype)}
+    for sl in chunks:
+        part = np.asarray(tokens[sl], dtype=dtype)
+        if not np.isfinite(part).all():
+            raise MrcError(f"proxy/tokens contains NaN or Inf (images {sl.start}–{sl.stop - 1})", file=source)
+        streams["original"][sl] = streams["compressed"][sl] = part
+    models = {"original": original, "compressed": compressed}
     done = {}
     current = 0
     for name in progress(order, "stage 3 (sequential compensation)"):
         stage = stages[name]
         target = vit.depth(original) if stage is None else stage
-        while current < target:  # advance both token streams to this layer's block
-            h_orig = vit.block(original, current, h_orig, num_heads, xp)
-            h_comp = vit.block(compressed, current, h_comp, num_heads, xp)
-            current += 1
-        X = _inputs(original, stage, h_orig, name, num_heads, xp)
-        Xt = _inputs(compressed, stage, h_comp, name, num_heads, xp)
+        for index in range(current, target):  # advance both streams to this layer's block
+            for key, h in streams.items():
+                for sl in chunks:
+                    h[sl] = to_host(vit.block(models[key], index, xp.asarray(h[sl]), num_heads, xp))
+        current = max(current, target)
+        n = factors[name][1].shape[1]
+        C, K, Ct = (xp.zeros((n, n), dtype=dtype) for _ in range(3))
+        for sl in chunks:
+            X = _inputs(original, stage, xp.asarray(streams["original"][sl]), name, num_heads, xp)
+            Xt = _inputs(compressed, stage, xp.asarray(streams["compressed"][sl]), name, num_heads, xp)
+            C += X.T @ X
+            K += Xt.T @ X
+            Ct += Xt.T @ Xt
         index, W, A, B = factors[name]
-        P0, Q0 = compensate.init_residual(W.shape[0], W.shape[1], q, config.seed, index, xp, dtype)
-        P, Q, history = compensate.compensate(W, A, B, P0, Q0, X.T @ X, K=Xt.T @ X, Ct=Xt.T @ Xt,
-                                              steps=config.steps, lr=config.lr, xp=xp)
-        done[name] = (P, Q, {"loss_stage1": float(history[0]), "loss_stage3": float(history.min())})
+        P, Q, info = compensate.solve(W, A, B, config.residual_rank, C, K=K, Ct=Ct, solver=config.solver,
+                                      damp=config.damping, steps=config.steps, lr=config.lr, seed=config.seed,
+                                      layer_index=index, xp=xp)
+        done[name] = (P, Q, info)
         del compressed[name + ".weight"]
         compressed.update({name + ".lowrank_a": A, name + ".lowrank_b": B,
                            name + ".residual_p": P, name + ".residual_q": Q})
     return done
 
 
-def make_sequential(tensors, metadata, tokens, *, progress=None, num_heads=None, source=None):
+def make_sequential(tensors, metadata, tokens, *, progress=None, num_heads=None, source=None, scratch=None):
     """Bind the model and proxy tokens into the ``sequential`` callable that
     :func:`mrc_ref.pipeline.run` expects (``source``: the tokens' file, for
-    error messages)."""
+    error messages; ``scratch``: see :func:`compensate_sequential`)."""
     heads = vit.resolve_num_heads(tensors, num_heads, metadata)
 
     def run(factors, config, xp):
@@ -101,7 +144,7 @@ def make_sequential(tensors, metadata, tokens, *, progress=None, num_heads=None,
             raise MrcError(f"proxy/tokens have shape {tuple(tokens.shape)}, expected (images, "
                            f"{', '.join(str(s) for s in original['pos_embed'].shape[1:])}) from pos_embed",
                            file=source)
-        return compensate_sequential(original, factors, tokens, config,
-                                     num_heads=heads, xp=xp, progress=progress)
+        return compensate_sequential(original, factors, tokens, config, num_heads=heads, xp=xp,
+                                     progress=progress, scratch=scratch, source=source)
 
     return run

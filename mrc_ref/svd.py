@@ -28,6 +28,27 @@ def _descending_eigh(g, xp, what):
     return xp.clip(evals, 0, None), evecs
 
 
+def canonical_signs(U, xp):
+    """Fix the sign of each column of ``U``: its largest-magnitude entry is
+    positive (the first such entry on a tie; as scikit-learn's ``svd_flip``).
+
+    Eigen- and singular vectors are defined up to sign, so without this the
+    stored factors could flip between runs, BLAS builds and devices while
+    their product agrees.
+
+    Parameters
+    ----------
+    U : array (m, k)
+
+    Returns
+    -------
+    array (m, k)
+        ``U · diag(s)``, ``s_j = sign(U[i_j, j])``, ``i_j = argmax_i |U[i, j]|``.
+    """
+    pivot = xp.take_along_axis(U, xp.argmax(xp.abs(U), axis=0)[None, :], axis=0)
+    return U * xp.where(pivot < 0, -1.0, 1.0).astype(U.dtype)
+
+
 def output_basis(W, C, xp):
     """Output basis ``U`` and spectrum ``σ²`` of the output Gram ``W C Wᵀ``.
 
@@ -46,7 +67,8 @@ def output_basis(W, C, xp):
     Returns
     -------
     U : array (m, k)
-        Orthonormal columns, ``k = min(m, n)``, by descending ``σ²``.
+        Orthonormal columns, ``k = min(m, n)``, by descending ``σ²``, signs
+        fixed by :func:`canonical_signs`.
     s2 : array (k,)
         Eigenvalues ``σ_i²`` of ``W C Wᵀ``, descending, ``≥ 0``.
 
@@ -58,13 +80,13 @@ def output_basis(W, C, xp):
     m, n = W.shape
     if m <= n:
         s2, U = _descending_eigh(W @ C @ W.T, xp, "output Gram W C Wᵀ")
-        return U, s2
+        return canonical_signs(U, xp), s2
     lam, V = _descending_eigh(C, xp, "statistic C")
     U, sigma, _ = xp.linalg.svd(W @ (V * xp.sqrt(lam)), full_matrices=False)
     s2 = sigma**2
     if not float(s2[0]) > 0:
         raise MrcError("output Gram W C Wᵀ is zero (zero output energy)")
-    return U, s2
+    return canonical_signs(U, xp), s2
 
 
 def nmse_curve(s2, xp):

@@ -216,3 +216,94 @@ def test_fixed_rank_range():
         al.fixed_rank([(8, 8)], 2, 7)
     with pytest.raises(MrcError, match="out of range"):
         al.fixed_rank([(8, 8)], 0, 0)
+
+
+# ------------------------------------------------------------------ the exact optimum
+def test_optimal_equals_brute_force():
+    """The default rule is the exact optimum: against exhaustive search on every
+    tiny problem and budget (abs 1e-12: sums of at most 4 NMSE values ≤ 1)."""
+    for shapes, curves, q, fixed in TINY:
+        for b in budgets(shapes, q, fixed):
+            ranks, bound, exact = al.optimal(curves, shapes, q, fixed, b)
+            best = brute_force(curves, shapes, q, fixed, b)
+            assert exact and bound == pytest.approx(best, abs=1e-12)
+            assert al.objective(curves, ranks) == pytest.approx(best, abs=1e-12)
+            assert al.total_params(shapes, ranks, q, fixed) <= b
+            assert al.allocate("optimal", curves, shapes, q, fixed, b) == ranks
+
+
+def test_optimal_equals_dynamic_programming_on_vit_like_problems():
+    """Against the test's own DP over raw parameter counts (no gcd units, no
+    read-back), on ViT-like shapes where brute force is out of reach."""
+    for seed in range(4):
+        shapes, curves, q, fixed = vit_problem(seed)
+        total = fixed + sum(m * n for m, n in shapes)
+        for reduction in (0.3, 0.6):
+            b = al.parameter_budget(total, reduction)
+            if b < al.min_params(shapes, q, fixed):
+                continue
+            ranks, bound, exact = al.optimal(curves, shapes, q, fixed, b)
+            opt = dynamic_programming(curves, shapes, q, fixed, b)
+            assert exact and al.objective(curves, ranks) == pytest.approx(opt, rel=1e-12, abs=1e-15)
+            assert al.total_params(shapes, ranks, q, fixed) <= b
+
+
+def test_lp_bound_is_a_lower_bound_and_its_rounding_is_feasible():
+    for shapes, curves, q, fixed in TINY:
+        for b in budgets(shapes, q, fixed):
+            bound, ranks = al.lp_bound(curves, shapes, q, fixed, b)
+            best = brute_force(curves, shapes, q, fixed, b)
+            assert bound <= best + 1e-12
+            assert al.total_params(shapes, ranks, q, fixed) <= b
+            assert al.objective(curves, ranks) >= best - 1e-12
+
+
+def test_lp_bound_by_hand():
+    """One 8×8 layer, q = 0: hull points (16, NMSE(1)), (32, NMSE(2)),
+    (48, NMSE(3)), (64, 0). A budget of 40 lies halfway along the segment
+    from rank 2 to rank 3 (NMSE tail sums 7.9, 3.9, 1.9 over 15.9)."""
+    c = curve_from(np.array([8.0, 4, 2, 1, 0.5, 0.25, 0.1, 0.05]))
+    pts = [(16 * (r + 1), float(c[r + 1])) for r in range(3)] + [(64, 0.0)]
+    hull = al._lower_hull(pts)
+    assert [p[0] for p in hull] == [16, 32, 48, 64]  # the tail shrinks faster than linearly: all vertices
+    bound, ranks = al.lp_bound([c], [(8, 8)], 0, 0, 40)
+    assert bound == pytest.approx((float(c[2]) + float(c[3])) / 2, rel=1e-14)
+    assert ranks == [2]
+
+
+def test_too_large_for_the_exact_solve_gives_a_bound_and_says_so():
+    for shapes, curves, q, fixed in TINY[:40]:
+        for b in budgets(shapes, q, fixed):
+            ranks, bound, exact = al.optimal(curves, shapes, q, fixed, b, max_cells=0)
+            best = brute_force(curves, shapes, q, fixed, b)
+            assert not exact
+            assert bound <= best + 1e-12 <= al.objective(curves, ranks) + 2e-12
+            assert al.total_params(shapes, ranks, q, fixed) <= b
+
+
+def test_optimal_ties_are_stable():
+    """Identical layers and one spare rank's worth of budget: equal totals, so
+    the read-back's order decides: the last layer takes the larger rank."""
+    shapes = [(8, 8)] * 3
+    c = curve_from(np.array([8.0, 4, 2, 1, 0.5, 0.25, 0.1, 0.05]))
+    ranks, _, _ = al.optimal([c, c, c], shapes, 0, 0, 16 * (1 + 1 + 2))
+    assert ranks == [1, 1, 2]
+    assert al.optimal([c, c, c], shapes, 0, 0, 16 * (1 + 1 + 2))[0] == ranks
+
+
+def test_relative_gap():
+    assert al.relative_gap(3.0, 2.0) == 0.5
+    assert al.relative_gap(0.0, 0.0) == 0.0
+    assert al.relative_gap(1.0, 0.0) is None
+
+
+@pytest.mark.parametrize("total,reduction", [(100000, 0.9), (100000, 0.7), (205002, 0.6), (86567656, 0.6),
+                                             (999999, 0.3), (12345, 0.1), (10**12 + 7, 0.123456789)])
+def test_budget_is_exact(total, reduction):
+    """``⌊(1 − reduction) P_total⌋`` with the reduction as written (decimal),
+    against Python's decimal arithmetic."""
+    from decimal import Decimal, ROUND_FLOOR
+
+    expected = int(((1 - Decimal(str(reduction))) * total).to_integral_value(rounding=ROUND_FLOOR))
+    assert al.parameter_budget(total, reduction) == expected
+    assert al.parameter_budget(100000, 0.9) == 10000  # binary floating point gives 9999
