@@ -4,11 +4,19 @@ the metric ``C`` of each named statistic (METHOD.md, Stage 1).
 All functions are pure over arrays of the module ``xp``.
 """
 
+import numpy as np
+
 from .errors import MrcError
+from .svd import PSD_RTOL
 
 #: Relative tolerance of the symmetry check, ``max|C - Cᵀ| <= tol * max|C|``;
 #: loose enough for Grams summed and stored in float32.
 SYMMETRY_RTOL = 1e-5
+
+#: Dtypes a statistic may have: the real floating-point dtypes of the
+#: ``acts.h5`` contract. Anything else (complex, integer, bool, string,
+#: compound, float16...) is refused rather than converted.
+FLOAT_DTYPES = ("float32", "float64")
 
 
 def accumulate_gram(chunks, xp, dtype=None):
@@ -58,9 +66,57 @@ def accumulate_gram(chunks, xp, dtype=None):
     return {"gram": gram, "sum": total, "rows": rows}
 
 
-def _check_matrix(c, n, what, xp):
-    if tuple(c.shape) != (n, n):
-        raise MrcError(f"{what} has shape {tuple(c.shape)}, expected ({n}, {n}) from the weight's input size")
+def check_declared(what, shape, dtype, expected, origin="the layer's weight"):
+    """Check the shape and dtype of a statistic before it is read.
+
+    Cheap: only metadata is looked at, so a file can be refused before a
+    declared ``20000 × 20000`` dataset is loaded. Used on HDF5 datasets by
+    :mod:`mrc_ref.formats` and on arrays by :func:`validate`.
+
+    Parameters
+    ----------
+    what : str
+        Name of the statistic in messages (``"gram"``, ``"proxy/tokens"``...).
+    shape : tuple of int or None
+        Declared shape (``None``: an HDF5 dataset without a dataspace).
+    dtype : numpy.dtype-like
+        Declared dtype; must be real floating point (:data:`FLOAT_DTYPES`).
+    expected : tuple
+        Expected shape; an entry ``None`` matches any size.
+    origin : str
+        Where the expected shape comes from, for the message.
+
+    Raises
+    ------
+    MrcError
+        The dtype is not real floating point (complex, integer, bool,
+        string, compound...), or the shape differs from ``expected``.
+    """
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in FLOAT_DTYPES:
+        shown = dt if dt is not None else dtype
+        raise MrcError(f"{what} has dtype {shown}, expected one of {', '.join(FLOAT_DTYPES)}")
+    if shape is None:
+        raise MrcError(f"{what} has no data (empty dataspace)")
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != len(expected) or any(e is not None and s != e for s, e in zip(shape, expected)):
+        want = ", ".join("*" if e is None else str(e) for e in expected) + ("," if len(expected) == 1 else "")
+        raise MrcError(f"{what} has shape {shape}, expected ({want}) from {origin}")
+
+
+def _as_float(a, what, expected, xp, dtype):
+    """``a`` on ``xp`` in ``dtype`` after :func:`check_declared` on its own
+    shape and dtype (so no complex part is dropped with a warning)."""
+    if not hasattr(a, "dtype"):
+        a = np.asarray(a)
+    check_declared(what, a.shape, a.dtype, expected)
+    return xp.asarray(a, dtype=dtype)
+
+
+def _check_matrix(c, what, xp):
     if not bool(xp.isfinite(c).all()):
         raise MrcError(f"{what} contains NaN or Inf")
     scale = float(xp.abs(c).max())
@@ -70,17 +126,25 @@ def _check_matrix(c, n, what, xp):
         raise MrcError(f"{what} is not symmetric")
     if float(xp.diagonal(c).min()) < 0:
         raise MrcError(f"{what} has a negative diagonal entry, so it is not positive semi-definite")
-    return (c + c.T) / 2
+    c = (c + c.T) / 2
+    evals = xp.linalg.eigvalsh(c)  # ascending
+    low, top = float(evals[0]), float(evals[-1])
+    if low < -PSD_RTOL * top:
+        raise MrcError(f"{what} is not positive semi-definite (smallest eigenvalue {low:.3g}, "
+                       f"{low / top:.3g} times the largest; tolerance {PSD_RTOL:g})")
+    return c
 
 
 def validate(stats, n, xp, dtype=None):
     """Check one layer's raw statistics and return them on ``xp`` in ``dtype``.
 
-    Checks: ``gram`` is ``n × n``, finite, symmetric (``SYMMETRY_RTOL``), not
-    all zero, with a non-negative diagonal; ``sum`` has ``n`` finite entries;
-    ``rows > 0``; the same for ``gram_normalized`` when present.
-    Positive semi-definiteness is checked on the spectrum Stage 1 computes
-    (:func:`mrc_ref.svd.output_basis`).
+    Checks: ``gram`` is ``n × n`` of a real floating dtype, finite,
+    symmetric (``SYMMETRY_RTOL``), not all zero, with a non-negative
+    diagonal and positive semi-definite (smallest eigenvalue
+    ``≥ −PSD_RTOL ×`` the largest, which admits the round-off of a Gram
+    stored in float32); ``sum`` has ``n`` finite entries; ``rows`` is a
+    positive integer; the same matrix checks for ``gram_normalized`` when
+    present. The eigenvalues cost one ``eigvalsh`` of ``n × n`` per matrix.
 
     Returns
     -------
@@ -94,18 +158,20 @@ def validate(stats, n, xp, dtype=None):
         Naming the problem; the caller adds file and layer.
     """
     dtype = dtype or xp.float64
-    rows = int(stats["rows"])
+    rows = stats["rows"]
+    if isinstance(rows, (bool, np.bool_)) or not isinstance(rows, (int, np.integer)):
+        raise MrcError(f"rows is {rows!r}, must be a positive integer")
+    rows = int(rows)
     if rows <= 0:
         raise MrcError(f"rows is {rows}, must be positive")
-    gram = _check_matrix(xp.asarray(stats["gram"], dtype=dtype), n, "gram", xp)
-    total = xp.asarray(stats["sum"], dtype=dtype)
-    if tuple(total.shape) != (n,):
-        raise MrcError(f"sum has shape {tuple(total.shape)}, expected ({n},)")
+    gram = _check_matrix(_as_float(stats["gram"], "gram", (n, n), xp, dtype), "gram", xp)
+    total = _as_float(stats["sum"], "sum", (n,), xp, dtype)
     if not bool(xp.isfinite(total).all()):
         raise MrcError("sum contains NaN or Inf")
     normalized = stats.get("gram_normalized")
     if normalized is not None:
-        normalized = _check_matrix(xp.asarray(normalized, dtype=dtype), n, "gram_normalized", xp)
+        normalized = _check_matrix(_as_float(normalized, "gram_normalized", (n, n), xp, dtype),
+                                   "gram_normalized", xp)
     return {"gram": gram, "sum": total, "rows": rows, "gram_normalized": normalized}
 
 

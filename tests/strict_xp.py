@@ -362,6 +362,10 @@ def _eigh(a, UPLO="L"):
     return StrictArray(w), StrictArray(v)
 
 
+def _eigvalsh(a, UPLO="L"):
+    return StrictArray(np.linalg.eigvalsh(_strict_only(a), UPLO=UPLO))
+
+
 def _svd(a, full_matrices=True, compute_uv=True):
     out = np.linalg.svd(_strict_only(a), full_matrices=full_matrices, compute_uv=compute_uv)
     return tuple(StrictArray(o) for o in out) if compute_uv else StrictArray(out)
@@ -373,7 +377,7 @@ for _fn in (asarray, empty, zeros, zeros_like, eye, outer, concatenate, cumsum, 
     setattr(xp, _fn.__name__, _fn)
 # defined as _abs etc. so that the builtins stay usable in this file
 xp.abs, xp.sum, xp.max, xp.all = _abs, _sum, _max, _all
-xp.linalg = types.SimpleNamespace(eigh=_eigh, svd=_svd)
+xp.linalg = types.SimpleNamespace(eigh=_eigh, eigvalsh=_eigvalsh, svd=_svd)
 xp.float32, xp.float64 = np.float32, np.float64  # CuPy's dtypes are NumPy's
 xp.ndarray = StrictArray
 del _fn

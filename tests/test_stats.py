@@ -1,5 +1,7 @@
 """Statistics: streamed accumulation and validation."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -67,3 +69,110 @@ def test_validate_does_not_modify_input():
     for k, v in before.items():
         if isinstance(v, np.ndarray):
             np.testing.assert_array_equal(s[k], v)
+
+
+# ------------------------------------------------------------------ positive semi-definiteness
+def _hidden_indefinite(m=8, n=32, seed=0):
+    """``(W, C, C_bad)``: ``C_bad = C − t v vᵀ`` with ``v`` in the null space of
+    ``W`` (so ``W C_bad Wᵀ = W C Wᵀ``), a positive diagonal, and a smallest
+    eigenvalue about −0.6 to −1.5 times the largest."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((100, n))
+    C = X.T @ X
+    W = rng.standard_normal((m, n))
+    null = np.linalg.svd(W)[2][m:].T  # (n, n - m), W @ null = 0
+    v = null @ rng.standard_normal(n - m)
+    v /= np.linalg.norm(v)
+    bad = C - 1.6 * np.linalg.eigvalsh(C)[-1] * np.outer(v, v)
+    return W, C, (bad + bad.T) / 2
+
+
+def test_indefinite_gram_hidden_in_the_null_space_is_refused():
+    W, C, bad = _hidden_indefinite()
+    evals = np.linalg.eigvalsh(bad)
+    assert evals[0] < -0.5 * evals[-1] and np.diag(bad).min() > 0  # the case is what it claims
+    np.testing.assert_allclose(W @ bad @ W.T, W @ C @ W.T, rtol=1e-9, atol=1e-9)  # invisible to W C Wᵀ
+    s = {"gram": C, "sum": np.ones(32), "rows": 100}
+    stats.validate(s, 32, np)
+    with pytest.raises(MrcError, match="gram is not positive semi-definite"):
+        stats.validate({**s, "gram": bad}, 32, np)
+    with pytest.raises(MrcError, match="gram_normalized is not positive semi-definite"):
+        stats.validate({**s, "gram_normalized": bad}, 32, np)
+
+
+@pytest.mark.parametrize("rows", [5, 2000])
+def test_singular_float32_gram_passes(rows):
+    """Round-off of a PSD Gram stored in float32 stays inside the tolerance:
+    a rank-5 Gram, and a Gram of centred rows (an exact null direction, as
+    after LayerNorm)."""
+    n = 256
+    X = np.random.default_rng(rows).standard_normal((rows, n)) * np.linspace(0.1, 3, n)
+    X -= X.mean(axis=1, keepdims=True)
+    gram = (X.T @ X).astype(np.float32)
+    evals = np.linalg.eigvalsh(gram.astype(np.float64))
+    assert abs(evals[0]) < 1e-7 * evals[-1]  # singular up to round-off
+    out = stats.validate({"gram": gram, "sum": X.sum(0).astype(np.float32), "rows": rows}, n, np)
+    assert out["gram"].dtype == np.float64
+
+
+@pytest.mark.parametrize("depth, ok", [(0.1, True), (10, False)])
+def test_psd_tolerance_is_relative(depth, ok):
+    """An eigenvalue of −depth · PSD_RTOL times the largest passes below the
+    tolerance and fails above it, whatever the overall scale."""
+    from mrc_ref.svd import PSD_RTOL
+
+    for scale in (1e-30, 1.0, 1e30):
+        lam = np.array([-depth * PSD_RTOL, 0.5, 1.0, 1.0]) * scale
+        Q = np.linalg.qr(np.random.default_rng(1).standard_normal((4, 4)))[0]
+        gram = (Q * lam) @ Q.T
+        gram = (gram + gram.T) / 2
+        assert np.diag(gram).min() > 0
+        s = {"gram": gram, "sum": np.ones(4), "rows": 3}
+        if ok:
+            stats.validate(s, 4, np)
+        else:
+            with pytest.raises(MrcError, match="not positive semi-definite"):
+                stats.validate(s, 4, np)
+
+
+# ------------------------------------------------------------------ dtypes
+BAD_DTYPES = {
+    "complex": lambda g: g + 1j * g,
+    "complex64": lambda g: (g + 1j * g).astype(np.complex64),
+    "int64": lambda g: np.rint(g).astype(np.int64),
+    "bool": lambda g: g > 0,
+    "float16": lambda g: g.astype(np.float16),
+    "string": lambda g: g.astype("S8"),
+    "unicode": lambda g: g.astype("U8"),
+    "object": lambda g: g.astype(object),
+    "compound": lambda g: np.zeros(g.shape, dtype=[("a", "f8"), ("b", "f8")]),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_DTYPES))
+@pytest.mark.parametrize("key", ["gram", "sum", "gram_normalized"])
+def test_non_float_dtypes_refused_without_warnings(kind, key):
+    s = good()
+    s["gram_normalized"] = s["gram"] / 20
+    s[key] = BAD_DTYPES[kind](s[key])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. no ComplexWarning on the way
+        with pytest.raises(MrcError, match=f"^{key} has dtype .*, expected one of float32, float64$"):
+            stats.validate(s, 4, np)
+
+
+@pytest.mark.parametrize("rows", [2.5, "20", True, np.array([20, 3])])
+def test_rows_must_be_an_integer(rows):
+    with pytest.raises(MrcError, match="rows is .*positive integer"):
+        stats.validate({**good(), "rows": rows}, 4, np)
+
+
+def test_check_declared():
+    stats.check_declared("gram", (4, 4), np.float32, (4, 4))
+    stats.check_declared("proxy/tokens", (9, 17, 64), "<f8", (None, 17, 64), "pos_embed")
+    with pytest.raises(MrcError, match=r"proxy/tokens has shape \(9, 16, 64\), expected \(\*, 17, 64\) from pos_embed"):
+        stats.check_declared("proxy/tokens", (9, 16, 64), np.float32, (None, 17, 64), "pos_embed")
+    with pytest.raises(MrcError, match=r"sum has shape \(4, 1\), expected \(4,\)"):
+        stats.check_declared("sum", (4, 1), np.float32, (4,))
+    with pytest.raises(MrcError, match="no data"):
+        stats.check_declared("gram", None, np.float32, (4, 4))
