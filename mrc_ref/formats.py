@@ -22,18 +22,49 @@ FACTOR_SUFFIXES = ("lowrank_a", "lowrank_b", "residual_p", "residual_q")
 
 
 # ----------------------------------------------------------------- atomic output
-def check_output(path, inputs=()):
+def _resolved(path):
+    """``path`` with every symbolic link resolved, also for a file that does
+    not exist yet (its existing parent directories are resolved)."""
+    return os.path.normcase(os.path.realpath(os.fspath(path)))
+
+
+def _same_file(a, b):
+    """Whether ``a`` and ``b`` name the same file: same resolved path (through
+    links and ``..``, existing or not), or the same inode (hard links)."""
+    if _resolved(a) == _resolved(b):
+        return True
+    try:
+        return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output(path, inputs=(), outputs=()):
     """Raise :class:`MrcError` unless ``path`` can be written: its directory
-    exists, it is not a directory, and it is none of ``inputs`` (same file by
-    any spelling or link). Called before any work, and again when writing."""
+    exists, it is not a directory, it is none of ``inputs`` and none of the
+    other ``outputs`` of the same run. Two paths are the same file when they
+    resolve to the same path (any spelling, symbolic links in the file or in
+    its directories, files that do not exist yet) or share an inode (hard
+    links). Called before any work, and again when writing."""
     path = os.fspath(path)
     if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise MrcError("output directory does not exist", file=path)
     if os.path.isdir(path):
         raise MrcError("output is a directory", file=path)
     for src in inputs:
-        if src is not None and os.path.exists(path) and os.path.exists(src) and os.path.samefile(path, src):
-            raise MrcError("output would overwrite an input file", file=path)
+        if src is not None and _same_file(path, src):
+            raise MrcError(f"output would overwrite an input file ({os.fspath(src)})", file=path)
+    for other in outputs:
+        if other is not None and _same_file(path, other):
+            raise MrcError(f"output would overwrite another output of the same run ({os.fspath(other)})", file=path)
+
+
+def check_outputs(outputs, inputs=()):
+    """:func:`check_output` on every path of ``outputs`` (``None`` entries
+    skipped) against the ``inputs`` and against each other."""
+    outputs = [o for o in outputs if o is not None]
+    for i, path in enumerate(outputs):
+        check_output(path, inputs, outputs[:i])
 
 
 @contextmanager
@@ -64,38 +95,138 @@ def atomic_path(path, inputs=()):
 
 
 # ----------------------------------------------------------------- safetensors
+#: safetensors dtype -> little-endian NumPy dtype, read and written as is.
+SAFETENSORS_DTYPES = {
+    "F64": "<f8", "F32": "<f4", "F16": "<f2",
+    "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+    "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1",
+    "BOOL": "?",
+}
+#: Read by widening to float32 (exact): NumPy has no bfloat16.
+WIDENED_DTYPES = {"BF16": "<u2"}
+#: The largest header accepted (the safetensors package's own limit).
+MAX_HEADER_BYTES = 100_000_000
+
+
+def bf16_to_float32(bits):
+    """Widen bfloat16 values, given as their ``uint16`` bit patterns, to
+    float32: a bfloat16 is the upper half of a float32, so the widening is
+    exact (``bits << 16`` viewed as float32; NaN, ±Inf, ±0 and subnormals
+    included)."""
+    return (np.asarray(bits, dtype=np.uint16).astype("<u4") << 16).view("<f4")
+
+
+def _describe(value):
+    """A short one-line description of a JSON or attribute value for messages."""
+    if isinstance(value, np.ndarray):
+        return f"an array of shape {value.shape}"
+    if value is None:
+        return "null"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _safetensors_layout(header, data_bytes):
+    """Check a parsed safetensors header against the size of the data section.
+
+    Returns ``(metadata, entries)`` with ``entries`` a list of
+    ``(name, code, shape, start, end)`` sorted by ``start``. Raises
+    ``ValueError`` with the reason.
+    """
+    if not isinstance(header, dict):
+        raise ValueError(f"header is not a JSON object (got {_describe(header)})")
+    metadata = header.get("__metadata__")
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError("__metadata__ is not an object of strings")
+    entries = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            raise ValueError(f"tensor {name!r}: entry is not an object (got {_describe(info)})")
+        code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if code not in SAFETENSORS_DTYPES and code not in WIDENED_DTYPES:
+            raise ValueError(f"tensor {name!r} has dtype {_describe(code)}, which is not supported "
+                             f"(supported: {', '.join([*SAFETENSORS_DTYPES, *WIDENED_DTYPES])})")
+        if (not isinstance(shape, list)
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise ValueError(f"tensor {name!r}: shape is not a list of non-negative integers")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise ValueError(f"tensor {name!r}: data_offsets is not a pair [begin, end] with 0 <= begin <= end")
+        itemsize = np.dtype(SAFETENSORS_DTYPES.get(code) or WIDENED_DTYPES[code]).itemsize
+        need = int(np.prod(shape, dtype=object)) * itemsize
+        if offsets[1] - offsets[0] != need:
+            raise ValueError(f"tensor {name!r}: data_offsets span {offsets[1] - offsets[0]} bytes, "
+                             f"its shape {tuple(shape)} and dtype {code} need {need}")
+        entries.append((name, code, tuple(shape), offsets[0], offsets[1]))
+    entries.sort(key=lambda e: (e[3], e[4]))
+    end = 0
+    for name, _, _, start, stop in entries:
+        if start != end:
+            raise ValueError(f"tensor {name!r}: data begins at byte {start}, expected {end} "
+                             "(tensors overlap or leave a gap)")
+        end = stop
+    if data_bytes > end:
+        raise ValueError(f"{data_bytes - end} bytes follow the {end} bytes of tensor data the header declares")
+    if data_bytes < end:
+        raise ValueError(f"file is truncated: the header declares {end} bytes of tensor data, "
+                         f"the file holds {data_bytes}")
+    return metadata, entries
+
+
 def read_safetensors(path):
     """Read every tensor and the ``__metadata__`` of a safetensors file.
+
+    The header is checked against the file's size before any tensor data is
+    read (offsets contiguous from 0, each tensor's byte count equal to its
+    shape times its dtype, no trailing bytes, not truncated), so a bad file
+    is refused without reading its data.
 
     Returns
     -------
     tensors : dict of str -> numpy.ndarray
-        In file order, dtypes exactly as stored.
+        In file order, dtypes as stored; ``BF16`` tensors widened to float32
+        (exact, :func:`bf16_to_float32`).
     metadata : dict of str -> str
     """
-    from safetensors.numpy import load
-
     path = os.fspath(path)
     try:
         with open(path, "rb") as fh:
-            blob = fh.read()
+            size = os.fstat(fh.fileno()).st_size
+            try:
+                if size < 8:
+                    raise ValueError("file shorter than the 8-byte header length")
+                (hlen,) = struct.unpack("<Q", fh.read(8))
+                if hlen > MAX_HEADER_BYTES:
+                    raise ValueError(f"header length {hlen} is over the limit of {MAX_HEADER_BYTES} bytes")
+                if 8 + hlen > size:
+                    raise ValueError("header runs past the end of the file (truncated?)")
+                try:
+                    header = json.loads(fh.read(hlen).decode("utf-8"))
+                except (UnicodeDecodeError, ValueError) as exc:
+                    raise ValueError(f"header is not valid JSON: {exc}") from None
+                metadata, entries = _safetensors_layout(header, size - 8 - hlen)
+            except ValueError as exc:
+                raise MrcError(f"not a readable safetensors file ({exc})", file=path) from None
+            data = bytearray(size - 8 - hlen)
+            if fh.readinto(data) != len(data):
+                raise MrcError("not a readable safetensors file (file changed while read)", file=path)
     except OSError as exc:
         raise MrcError(f"cannot read: {exc.strerror or exc}", file=path) from None
-    try:
-        if len(blob) < 8:
-            raise ValueError("file shorter than the 8-byte header length")
-        (hlen,) = struct.unpack("<Q", blob[:8])
-        if 8 + hlen > len(blob):
-            raise ValueError("header runs past the end of the file (truncated?)")
-        header = json.loads(blob[8 : 8 + hlen])
-        metadata = header.pop("__metadata__", None) or {}
-        tensors = load(blob)
-    except MrcError:
-        raise
-    except Exception as exc:
-        raise MrcError(f"not a readable safetensors file ({exc})", file=path) from None
-    order = sorted(header, key=lambda k: header[k]["data_offsets"][0])
-    return {k: tensors[k] for k in order}, dict(metadata)
+    tensors = {}
+    for name, code, shape, start, stop in entries:
+        dtype = np.dtype(SAFETENSORS_DTYPES.get(code) or WIDENED_DTYPES[code])
+        array = np.frombuffer(data, dtype=dtype, count=(stop - start) // dtype.itemsize, offset=start)
+        if code == "BF16":
+            array = bf16_to_float32(array)
+        elif not array.flags.aligned:
+            array = array.copy()
+        tensors[name] = array.reshape(shape)
+    return tensors, dict(metadata)
 
 
 def _sorted_metadata(blob):
@@ -158,6 +289,84 @@ def write_activations(path, layers, proxy_tokens=None, attrs=None, inputs=()):
                 )
 
 
+def _h5_object(root, name, path):
+    """``root[name]`` (``name`` may hold ``/``), or ``None`` when absent.
+
+    Every link on the way is checked: an external link (to another file) is
+    refused with a message naming its target; soft links stay inside the
+    file and are followed (a dangling one reads as absent). A dataset whose
+    data lives in other files (external storage, virtual dataset) is refused
+    the same way.
+    """
+    obj, where = root, root.name.rstrip("/")
+    for part in [p for p in name.split("/") if p]:
+        where = f"{where}/{part}"
+        try:
+            link = obj.get(part, getlink=True)
+            if isinstance(link, h5py.ExternalLink):
+                raise MrcError(f"'{where}' is an external link to {link.filename}:{link.path}; "
+                               "links to other files are not followed", file=path)
+            obj = obj.get(part) if link is not None else None
+        except MrcError:
+            raise
+        except Exception as exc:  # a link HDF5 cannot resolve, a corrupt object
+            raise MrcError(f"cannot open '{where}' ({exc})", file=path) from None
+        if obj is None:
+            return None
+        if not isinstance(obj, (h5py.Group, h5py.Dataset)):
+            raise MrcError(f"'{where}' is neither a group nor a dataset", file=path)
+    if isinstance(obj, h5py.Dataset):
+        sources = []
+        if obj.external:
+            sources = [entry[0] for entry in obj.external]
+        elif obj.is_virtual:
+            sources = [src.file_name for src in obj.virtual_sources()]
+        if sources:
+            raise MrcError(f"dataset '{where}' keeps its data in other files ({', '.join(map(str, sources))}); "
+                           "such datasets are not read", file=path)
+    return obj
+
+
+def _dataset_meta(ds, what):
+    """Declared ``(shape, dtype)`` of an HDF5 dataset, read without its data;
+    ``dtype`` is ``None`` for an HDF5 type NumPy cannot represent."""
+    if not isinstance(ds, h5py.Dataset):
+        raise MrcError(f"{what} is not a dataset")
+    try:
+        dtype = ds.dtype
+    except Exception:
+        dtype = None
+    return ds.shape, (dtype if dtype is not None else "an HDF5 type with no NumPy equivalent")
+
+
+def _check_written(ds, what):
+    """Refuse a dataset that declares more data than it stores (chunks never
+    written, or contiguous storage never allocated): such data would be read
+    as fill values."""
+    shape = ds.shape or ()
+    if int(np.prod(shape, dtype=object)) == 0:
+        return
+    if ds.chunks is not None:
+        expected = int(np.prod([-(-s // c) for s, c in zip(shape, ds.chunks)], dtype=object))
+        stored = ds.id.get_num_chunks()
+        if stored < expected:
+            raise MrcError(f"{what} declares shape {tuple(shape)} but stores only {stored} of its {expected} "
+                           "chunks (the rest was never written)")
+    elif ds.id.get_storage_size() == 0:
+        raise MrcError(f"{what} declares shape {tuple(shape)} but stores no data")
+
+
+def _read_checked(ds, what, expected, origin="the layer's weight"):
+    """Read dataset ``ds`` after checking its declared dtype and shape
+    (:func:`mrc_ref.stats.check_declared`) and that its data was written."""
+    from .stats import check_declared
+
+    shape, dtype = _dataset_meta(ds, what)
+    check_declared(what, shape, dtype, expected, origin)
+    _check_written(ds, what)
+    return ds[()]
+
+
 @contextmanager
 def open_activations(path):
     """Open ``acts.h5`` for reading after checking its format and version.
@@ -172,57 +381,94 @@ def open_activations(path):
     except OSError as exc:
         raise MrcError(f"not a readable HDF5 file ({exc})", file=path) from None
     try:
-        fmt = f.attrs.get("format")
+        try:
+            fmt, version = f.attrs.get("format"), f.attrs.get("version")
+        except Exception as exc:  # an attribute of a type h5py cannot convert
+            raise MrcError(f"cannot read the root attributes ({exc})", file=path) from None
         if isinstance(fmt, bytes):
-            fmt = fmt.decode()
-        if fmt != ACTS_FORMAT:
-            raise MrcError(f"format attribute is {fmt!r}, expected {ACTS_FORMAT!r}", file=path)
-        version = f.attrs.get("version")
-        version = getattr(version, "item", lambda: version)()
-        if not isinstance(version, (int, np.integer)) or version != ACTS_VERSION:
-            raise MrcError(f"unsupported version {version!r}, expected {ACTS_VERSION}", file=path)
+            fmt = fmt.decode("utf-8", errors="replace")
+        if not isinstance(fmt, str) or fmt != ACTS_FORMAT:
+            raise MrcError(f"format attribute is {_describe(fmt)}, expected {ACTS_FORMAT!r}", file=path)
+        if isinstance(version, (bool, np.bool_)) or not isinstance(version, (int, np.integer)) \
+                or version != ACTS_VERSION:
+            raise MrcError(f"unsupported version {_describe(version)}, expected {ACTS_VERSION}", file=path)
         for group, needed in (("layers", True), ("proxy", False)):
-            if (needed or group in f) and not isinstance(f.get(group), h5py.Group):
+            obj = _h5_object(f, group, path)
+            if (needed or obj is not None) and not isinstance(obj, h5py.Group):
                 raise MrcError(f"no '{group}' group", file=path)
         yield f
     finally:
         f.close()
 
 
-def read_layer_stats(f, name, path=None):
+def read_layer_stats(f, name, path=None, n=None):
     """Read one layer's raw statistics from an open ``acts.h5``.
+
+    Before any data is read, each dataset's declared dtype must be float32
+    or float64 and, when the layer's input size ``n`` is given, its shape
+    ``(n, n)`` or ``(n,)``; so memory is bounded by the model, whatever the
+    file declares.
 
     Returns a dict with host arrays ``gram``, ``sum``, ``rows`` and
     ``gram_normalized`` (``None`` when absent). Values are not validated
     here; see :func:`mrc_ref.stats.validate`.
     """
     path = path or f.filename
-    group = f["layers"].get(name)
+    group = _h5_object(f, "layers/" + name, path) if name.strip("/") else None
     if group is None:
         raise MrcError("missing from the activations file", file=path, layer=name)
     try:
-        if "gram" not in group or "sum" not in group or "rows" not in group.attrs:
-            raise MrcError("needs datasets 'gram', 'sum' and attribute 'rows'", file=path, layer=name)
-        return {
-            "gram": group["gram"][()],
-            "sum": group["sum"][()],
-            "rows": int(group.attrs["rows"]),
-            "gram_normalized": group["gram_normalized"][()] if "gram_normalized" in group else None,
+        if not isinstance(group, h5py.Group):
+            raise MrcError("is not a group of the activations file")
+        datasets = {key: _h5_object(group, key, path) for key in ("gram", "sum", "gram_normalized")}
+        if datasets["gram"] is None or datasets["sum"] is None or "rows" not in group.attrs:
+            raise MrcError("needs datasets 'gram', 'sum' and attribute 'rows'")
+        matrix = (n, n) if n is not None else (None, None)
+        out = {
+            "gram": _read_checked(datasets["gram"], "gram", matrix),
+            "sum": _read_checked(datasets["sum"], "sum", (n,)),
+            "gram_normalized": None,
         }
-    except MrcError:
-        raise
+        if datasets["gram_normalized"] is not None:
+            out["gram_normalized"] = _read_checked(datasets["gram_normalized"], "gram_normalized", matrix)
+        try:
+            rows = group.attrs["rows"]
+        except Exception as exc:
+            raise MrcError(f"cannot read attribute 'rows' ({exc})") from None
+        # an integer scalar becomes an int; anything else is left for stats.validate to refuse
+        out["rows"] = int(rows) if isinstance(rows, (int, np.integer)) and not isinstance(rows, bool) else rows
+        return out
+    except MrcError as err:
+        raise err.at(file=path, layer=name) from None
     except Exception as exc:  # truncated or corrupt datasets
         raise MrcError(f"cannot read statistics ({exc})", file=path, layer=name) from None
 
 
-def read_proxy_tokens(f):
-    """Return ``proxy/tokens`` of an open ``acts.h5`` as float32, or ``None``."""
-    if "proxy" in f and isinstance(f["proxy"].get("tokens"), h5py.Dataset):
-        try:
-            return np.asarray(f["proxy"]["tokens"][()], dtype=np.float32)
-        except Exception as exc:
-            raise MrcError(f"cannot read proxy/tokens ({exc})", file=f.filename) from None
-    return None
+def read_proxy_tokens(f, tokens_shape=None, path=None):
+    """Return ``proxy/tokens`` of an open ``acts.h5`` as float32, or ``None``.
+
+    Before the data is read, its declared dtype must be float32 or float64
+    and its shape ``(images, tokens, d)`` with ``images > 0`` and, when
+    ``tokens_shape`` (``pos_embed.shape[1:]`` of the model) is given,
+    ``(tokens, d)`` equal to it. After reading, every value must be finite.
+    """
+    path = path or f.filename
+    tokens = _h5_object(f, "proxy/tokens", path)
+    if tokens is None:
+        return None
+    expected = (None, *tuple(int(s) for s in tokens_shape)) if tokens_shape is not None else (None, None, None)
+    try:
+        data = _read_checked(tokens, "proxy/tokens", expected, "pos_embed")
+        data = np.asarray(data, dtype=np.float32)
+    except MrcError as err:
+        raise err.at(file=path) from None
+    except Exception as exc:
+        raise MrcError(f"cannot read proxy/tokens ({exc})", file=path) from None
+    if data.shape[0] == 0:
+        raise MrcError("proxy/tokens holds no images", file=path)
+    if not np.isfinite(data).all():
+        raise MrcError("proxy/tokens contains NaN or Inf", file=path)
+    return data
 
 
 # ----------------------------------------------------------------- compressed layout
@@ -300,9 +546,19 @@ def read_compressed(path):
     return tensors, meta
 
 
+def json_text(obj, path=None):
+    """``obj`` as indented, strictly valid JSON text: a NaN or an infinity
+    (which JSON cannot represent) is an :class:`MrcError`, not a bare ``NaN``."""
+    try:
+        return json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n"
+    except ValueError as exc:
+        raise MrcError(f"cannot write JSON: {exc}", file=path) from None
+
+
 def write_json(path, obj, inputs=()):
-    """Write ``obj`` as indented JSON, atomically."""
-    text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
+    """Write ``obj`` as indented JSON, atomically (see :func:`json_text`)."""
+    text = json_text(obj, path)
     with atomic_path(path, inputs) as tmp:
         with open(tmp, "w") as fh:
             fh.write(text)
+

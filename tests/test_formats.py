@@ -516,3 +516,255 @@ def test_compress_files_never_overwrites_an_input(model_copy, snapshot):
         with pytest.raises(MrcError, match="input"):
             compress_files(weights, acts, out, pipeline.Config(steps=1), report_path=rep)
     assert snapshot(os.path.dirname(weights)) == before
+
+
+# ------------------------------------------------------------------ hardening (issue 9)
+#: bfloat16 bit patterns and their values, worked out by hand: sign, 8-bit
+#: exponent (bias 127), 7-bit fraction.
+BF16_TABLE = [
+    (0x0000, 0.0), (0x8000, -0.0), (0x3F80, 1.0), (0xBF80, -1.0), (0x4000, 2.0), (0xC040, -3.0),
+    (0x3E80, 0.25), (0x3FC0, 1.5), (0x4049, 3.140625), (0x4780, 65536.0),
+    (0x7F7F, (2 - 2**-7) * 2.0**127),  # the largest finite bfloat16
+    (0x0080, 2.0**-126),                # the smallest normal
+    (0x0001, 2.0**-133),                # the smallest subnormal
+    (0x7F80, np.inf), (0xFF80, -np.inf),
+]
+
+
+def _bf16_file(path, bits, shape, extra=b""):
+    raw = np.asarray(bits, dtype="<u2").tobytes()
+    header = json.dumps({"t": {"dtype": "BF16", "shape": list(shape), "data_offsets": [0, len(raw)]},
+                         "__metadata__": {"k": "v"}}).encode()
+    header += b" " * (-len(header) % 8)
+    path.write_bytes(len(header).to_bytes(8, "little") + header + raw + extra)
+
+
+def test_bf16_is_widened_exactly(tmp_path):
+    bits = [b for b, _ in BF16_TABLE] + [0x7FC0]  # and a quiet NaN
+    want = np.array([v for _, v in BF16_TABLE], dtype=np.float64)
+    path = tmp_path / "bf16.safetensors"
+    _bf16_file(path, bits, (len(bits),))
+    tensors, meta = formats.read_safetensors(path)
+    got = tensors["t"]
+    assert got.dtype == np.float32 and meta == {"k": "v"}
+    np.testing.assert_array_equal(got[:-1].astype(np.float64), want)
+    assert np.signbit(got[1]) and not np.signbit(got[0])
+    assert np.isnan(got[-1])
+    np.testing.assert_array_equal(formats.bf16_to_float32(np.array(bits[:-1], np.uint16)).astype(np.float64), want)
+
+
+def test_bf16_shape_kept(tmp_path):
+    path = tmp_path / "bf16.safetensors"
+    _bf16_file(path, np.arange(6) + 0x3F80, (2, 3))
+    assert formats.read_safetensors(path)[0]["t"].shape == (2, 3)
+
+
+def _raw_file(path, header, data=b""):
+    text = (header if isinstance(header, str) else json.dumps(header)).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+F32_ENTRY = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+
+
+BAD_HEADERS = [
+    ("list", "[1, 2]", b"", "header is not a JSON object (got [1, 2])"),
+    ("null", "null", b"", "header is not a JSON object (got null)"),
+    ("number", "42", b"", "header is not a JSON object"),
+    ("not-utf8", "\udcff", b"", "not valid JSON"),
+    ("entry-null", {"t": None}, b"", "'t': entry is not an object"),
+    ("no-dtype", {"t": {"shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "dtype null"),
+    ("f8", {"t": {**F32_ENTRY, "dtype": "F8_E5M2"}}, b"\0" * 8, "dtype 'F8_E5M2', which is not supported"),
+    ("shape-negative", {"t": {**F32_ENTRY, "shape": [-2]}}, b"\0" * 8, "shape"),
+    ("shape-float", {"t": {**F32_ENTRY, "shape": [2.0]}}, b"\0" * 8, "shape"),
+    ("offsets-reversed", {"t": {**F32_ENTRY, "data_offsets": [8, 0]}}, b"\0" * 8, "data_offsets"),
+    ("size-mismatch", {"t": {**F32_ENTRY, "shape": [3]}}, b"\0" * 8, "need 12"),
+    ("overlap", {"t": F32_ENTRY, "u": F32_ENTRY}, b"\0" * 8, "overlap or leave a gap"),
+    ("gap", {"t": {**F32_ENTRY, "data_offsets": [8, 16]}}, b"\0" * 16, "data begins at byte 8, expected 0"),
+    ("trailing", {"t": F32_ENTRY}, b"\0" * 12, "4 bytes follow"),
+    ("truncated-data", {"t": F32_ENTRY}, b"\0" * 5, "truncated"),
+    ("metadata-list", {"__metadata__": ["a"], "t": F32_ENTRY}, b"\0" * 8, "__metadata__"),
+    ("metadata-int", {"__metadata__": {"n": 4}, "t": F32_ENTRY}, b"\0" * 8, "__metadata__"),
+]
+
+
+@pytest.mark.parametrize("kind, header, data, words", BAD_HEADERS, ids=[c[0] for c in BAD_HEADERS])
+def test_read_safetensors_refuses_bad_headers(tmp_path, kind, header, data, words):
+    path = tmp_path / "w.safetensors"
+    if kind == "not-utf8":
+        path.write_bytes((4).to_bytes(8, "little") + b"\xff\xfe{}")
+    else:
+        _raw_file(path, header, data)
+    with pytest.raises(MrcError) as info:
+        formats.read_safetensors(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: not a readable safetensors file (") and "\n" not in msg
+    assert words in msg
+
+
+def test_read_safetensors_accepts_null_metadata_and_empty_tensors(tmp_path):
+    path = tmp_path / "w.safetensors"
+    _raw_file(path, {"__metadata__": None, "e": {"dtype": "F32", "shape": [0, 3], "data_offsets": [0, 0]},
+                     "t": F32_ENTRY}, np.array([1.5, -2], "<f4").tobytes())
+    tensors, meta = formats.read_safetensors(path)
+    assert meta == {} and tensors["e"].shape == (0, 3)
+    np.testing.assert_array_equal(tensors["t"], [1.5, -2])
+
+
+def _peak_bytes(fn):
+    """Peak traced allocation (Python and NumPy) while ``fn()`` runs."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+    except MrcError:
+        pass
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak
+
+
+def test_safetensors_trailing_gigabytes_refused_without_reading(tmp_path):
+    """A valid tiny file followed by 3 GB of sparse bytes is refused from its
+    header and size, without reading the 3 GB."""
+    path = tmp_path / "w.safetensors"
+    _raw_file(path, {"t": F32_ENTRY}, b"\0" * 8)
+    with open(path, "r+b") as fh:
+        fh.truncate(3 * 2**30)  # sparse: takes no disk space
+    with pytest.raises(MrcError, match="bytes follow"):
+        formats.read_safetensors(path)
+    assert _peak_bytes(lambda: formats.read_safetensors(path)) < 2**20
+
+
+def test_safetensors_huge_declared_tensor_refused_without_reading(tmp_path):
+    path = tmp_path / "w.safetensors"
+    _raw_file(path, {"t": {"dtype": "F64", "shape": [20000, 20000], "data_offsets": [0, 8 * 20000 * 20000]}})
+    with pytest.raises(MrcError, match="truncated"):
+        formats.read_safetensors(path)
+    assert _peak_bytes(lambda: formats.read_safetensors(path)) < 2**20
+
+
+def _declared_only(path, dataset, shape, n=64):
+    """An acts.h5 whose layer ``a`` is valid except ``dataset``, which declares
+    ``shape`` but holds no data."""
+    x = np.random.default_rng(0).standard_normal((100, n))
+    formats.write_activations(path, {"a": {"gram": x.T @ x, "sum": x.sum(0), "rows": 100}})
+    with h5py.File(path, "a") as f:
+        del f[f"layers/a/{dataset}"]
+        f.create_dataset(f"layers/a/{dataset}", shape=shape, dtype="f8", chunks=True)
+
+
+@pytest.mark.parametrize("n, words", [(64, "gram has shape (20000, 20000), expected (64, 64)"),
+                                      (None, "never written")])
+def test_huge_declared_gram_refused_before_reading(tmp_path, n, words):
+    path = tmp_path / "acts.h5"
+    _declared_only(path, "gram", (20000, 20000))
+    assert os.path.getsize(path) < 2**20
+
+    def read():
+        with formats.open_activations(path) as f:
+            formats.read_layer_stats(f, "a", n=n)
+
+    with pytest.raises(MrcError) as info:
+        read()
+    assert words in str(info.value) and str(path) in str(info.value) and "layer a" in str(info.value)
+    assert _peak_bytes(read) < 2**20
+
+
+def test_proxy_tokens_checked_before_reading(tmp_path):
+    path = tmp_path / "acts.h5"
+    formats.write_activations(path, {})
+    with h5py.File(path, "a") as f:
+        f.create_group("proxy").create_dataset("tokens", shape=(200000, 999, 64), dtype="f4", chunks=True)
+
+    def read():
+        with formats.open_activations(path) as f:
+            formats.read_proxy_tokens(f, (17, 64))
+
+    with pytest.raises(MrcError, match=r"proxy/tokens has shape \(200000, 999, 64\), expected \(\*, 17, 64\)"):
+        read()
+    assert _peak_bytes(read) < 2**20
+
+
+def test_soft_links_followed_inside_the_file(tmp_path):
+    """A soft link names an object of the same file: it is followed; a
+    dangling one reads as missing."""
+    path = tmp_path / "acts.h5"
+    x = np.random.default_rng(0).standard_normal((10, 4))
+    formats.write_activations(path, {"a": {"gram": x.T @ x, "sum": x.sum(0), "rows": 10}})
+    with h5py.File(path, "a") as f:
+        f["stash"] = f["layers/a/gram"][()]
+        del f["layers/a/gram"]
+        f["layers/a/gram"] = h5py.SoftLink("/stash")
+        f["layers/b"] = h5py.SoftLink("/nowhere")
+    with formats.open_activations(path) as f:
+        np.testing.assert_array_equal(formats.read_layer_stats(f, "a")["gram"], x.T @ x)
+        with pytest.raises(MrcError, match="layer b: missing"):
+            formats.read_layer_stats(f, "b")
+
+
+@pytest.mark.parametrize("where", ["layers", "proxy", "proxy/tokens"])
+def test_external_links_refused(tmp_path, where):
+    path, other = tmp_path / "acts.h5", tmp_path / "other.h5"
+    formats.write_activations(path, {}, proxy_tokens=np.ones((1, 2, 3)))
+    with h5py.File(path, "a") as f, h5py.File(other, "w") as o:
+        f.copy(f[where], o, name="x")
+        del f[where]
+        f[where] = h5py.ExternalLink("other.h5", "/x")
+    with pytest.raises(MrcError) as info:
+        with formats.open_activations(path) as f:
+            formats.read_proxy_tokens(f)
+    msg = str(info.value)
+    assert msg.startswith(str(path)) and f"'/{where}' is an external link to other.h5:/x" in msg
+
+
+def test_virtual_dataset_refused(tmp_path):
+    path, other = tmp_path / "acts.h5", tmp_path / "other.h5"
+    formats.write_activations(path, {})
+    with h5py.File(other, "w") as o:
+        o["t"] = np.ones((2, 3, 4), np.float32)
+    layout = h5py.VirtualLayout(shape=(2, 3, 4), dtype="f4")
+    layout[:] = h5py.VirtualSource(str(other), "t", shape=(2, 3, 4))
+    with h5py.File(path, "a") as f:
+        f.create_group("proxy").create_virtual_dataset("tokens", layout)
+    with pytest.raises(MrcError, match="other.h5"):
+        with formats.open_activations(path) as f:
+            formats.read_proxy_tokens(f)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_json_never_holds_nan(tmp_path, value):
+    path = tmp_path / "r.json"
+    with pytest.raises(MrcError) as info:
+        formats.write_json(path, {"layers": [{"nmse_stage3": value}]})
+    assert str(path) in str(info.value) and "JSON" in str(info.value)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("layout", ["link-dir", "dotdot", "link-file", "hard-link"])
+def test_outputs_compared_by_resolved_path(tmp_path, layout):
+    """Two outputs naming one file (through a linked directory, ``..``, a
+    symbolic link to a file that does not exist yet, a hard link) are refused
+    before anything is written."""
+    real = tmp_path / "real"
+    real.mkdir()
+    first = str(real / "out.safetensors")
+    if layout == "link-dir":
+        os.symlink(real, tmp_path / "link")
+        second = str(tmp_path / "link" / "out.safetensors")
+    elif layout == "dotdot":
+        (tmp_path / "sub").mkdir()
+        second = str(tmp_path / "sub" / ".." / "real" / "out.safetensors")
+    elif layout == "link-file":
+        os.symlink(first, tmp_path / "alias.json")  # dangling until first is written
+        second = str(tmp_path / "alias.json")
+    else:
+        open(first, "w").close()
+        os.link(first, tmp_path / "hard.json")
+        second = str(tmp_path / "hard.json")
+    with pytest.raises(MrcError, match="another output"):
+        formats.check_outputs([first, second])
+    with pytest.raises(MrcError, match="input"):
+        formats.check_output(second, inputs=[first])
+    formats.check_outputs([first, str(real / "other.json")])
