@@ -3,8 +3,9 @@
 Usage::
 
     python -m data_tools.capture weights.safetensors IMAGES -o acts.h5 \\
-        [--images N] [--proxy-images K] [--batch-size B] [--num-heads H] \\
-        [--device cpu|cuda] [--quiet]
+        [--max-images M] [--shard K/N] [--proxy-images P] [--batch-size B] \\
+        [--num-heads H] [--device cpu|cuda] [--dtype float64|float32] \\
+        [--store-dtype float64|float32] [--quiet]
 
 For every linear layer ``l`` of the transformer blocks, with ``X`` all its
 input token rows (over all images) and ``X_i`` (T, n) those of image ``i``:
@@ -13,12 +14,20 @@ input token rows (over all images) and ``X_i`` (T, n) those of image ``i``:
 * ``gram_normalized = (1/N) sum_i X_i^T X_i / ||X_i W^T||_F^2`` with ``W``
   the layer's weight (``A B + P Q`` for a compressed layer).
 
-Also the block-0 input tokens of the first ``K`` images (``proxy/tokens``).
+Also the block-0 input tokens of the first ``P`` images (``proxy/tokens``).
 Memory is fixed: a few (n, n) float64 accumulators per layer plus one batch.
+
+``--shard K/N`` (K is 0-based, ``0 <= K < N``) captures only the K-th of N
+contiguous, near-equal slices of the sorted image list; ``python -m
+data_tools.merge`` adds the N parts into the statistics of the whole list
+(docs/scale.md).
 """
 
 import argparse
+import hashlib
+import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -30,11 +39,52 @@ from mrc_ref.formats import check_output, read_safetensors, write_activations
 
 DEFAULT_PROXY_IMAGES = 32
 DEFAULT_BATCH_SIZE = 32
+DTYPES = ("float64", "float32")
+_SHARD = re.compile(r"^(\d+)/(\d+)$")
 
 
 def block_linear_names(params):
     """The block linear layers of :func:`mrc_ref.vit.linear_names` (no heads)."""
     return [name for name in vit.linear_names(params) if name not in vit.HEAD_LINEARS]
+
+
+# ----------------------------------------------------------------- accumulation
+def gram_update(c, x, xp):
+    """Add ``x^T x`` to the upper triangle of ``c`` in place.
+
+    Parameters
+    ----------
+    c : xp array, shape (n, n), float64
+        Accumulator; only its upper triangle (diagonal included) is
+        meaningful afterwards (see :func:`symmetrize_upper`).
+    x : xp array, shape (rows, n), float64 or float32
+        The product ``x^T x`` is formed in ``x``'s dtype and added in float64.
+
+    Notes
+    -----
+    For NumPy this is BLAS ``syrk``, which forms one triangle of ``x^T x``:
+    ``rows n (n + 1) / 2`` multiply-adds, half those of ``x.T @ x``. Other
+    array modules (CuPy, the strict test double) add the full ``x.T @ x``.
+    """
+    if xp is np:
+        from scipy.linalg.blas import get_blas_funcs
+
+        x = np.ascontiguousarray(x)
+        syrk = get_blas_funcs("syrk", dtype=x.dtype)
+        # x.T and c.T are Fortran-ordered views (no copy); the lower triangle
+        # of c.T is the upper triangle of c.
+        if x.dtype == c.dtype:
+            syrk(1.0, x.T, beta=1.0, c=c.T, trans=0, lower=1, overwrite_c=1)
+        else:
+            c += syrk(1.0, x.T, trans=0, lower=1).T
+    else:
+        c += xp.asarray(x.T @ x, dtype=c.dtype)
+
+
+def symmetrize_upper(c):
+    """The symmetric matrix whose upper triangle is that of host array ``c``:
+    ``triu(c) + triu(c, 1)^T``."""
+    return np.triu(c) + np.triu(c, 1).T
 
 
 def _new_accumulator(n, xp):
@@ -53,43 +103,43 @@ def accumulate(acc, params, name, x, xp):
     ----------
     acc : dict
         ``gram`` (n, n), ``sum`` (n,), ``rows`` (int), ``gram_normalized``
-        (n, n, the unnormalised sum over images), float64 xp arrays.
+        (n, n, the unnormalised sum over images), float64 xp arrays; the two
+        matrices hold only their upper triangles (:func:`gram_update`).
     params : mapping of str -> xp array
-        Prepared parameters (for the layer weight).
+        Prepared parameters (for the layer weight), in the dtype of ``x``.
     name : str
-    x : xp array, shape (B, T, n)
+    x : xp array, shape (B, T, n), float64 or float32
         The inputs of layer ``name`` for B images.
 
     Notes
     -----
     ``gram += X^T X``; ``sum += X^T 1``; ``rows += B T``;
     ``gram_normalized += sum_i X_i^T X_i / s_i`` with
-    ``s_i = ||X_i W^T||_F^2``, computed as one matmul of the rows of each
+    ``s_i = ||X_i W^T||_F^2``, computed as one product of the rows of each
     image scaled by ``s_i^{-1/2}``. ``X_i W^T`` is applied through the
-    factors (no bias) for a compressed layer.
+    factors (no bias) for a compressed layer. Each batch's products are
+    formed in ``x``'s dtype and added into the float64 accumulators.
     """
-    x = xp.asarray(x, dtype=xp.float64)
     b, t, n = x.shape
     flat = xp.reshape(x, (b * t, n))
-    acc["gram"] += flat.T @ flat
-    acc["sum"] += xp.sum(flat, axis=0)
+    gram_update(acc["gram"], flat, xp)
+    acc["sum"] += xp.sum(flat, axis=0, dtype=xp.float64)
     acc["rows"] += b * t
     y = vit.linear(params, name, x, xp, bias=False)
-    y = xp.asarray(y, dtype=xp.float64)
-    energy = xp.sum(xp.reshape(y * y, (b, -1)), axis=1)  # (B,) = ||X_i W^T||_F^2
+    energy = xp.sum(xp.reshape(y * y, (b, -1)), axis=1, dtype=xp.float64)  # (B,) = ||X_i W^T||_F^2
     if not bool(to_host(xp.all(energy > 0))):  # also catches NaN
         raise MrcError("an image gives a zero or non-finite layer output; gram_normalized is undefined", layer=name)
-    scaled = xp.reshape(x * (1.0 / xp.sqrt(energy))[:, None, None], (b * t, n))
-    acc["gram_normalized"] += scaled.T @ scaled
+    scale = xp.asarray(1.0 / xp.sqrt(energy), dtype=x.dtype)
+    gram_update(acc["gram_normalized"], xp.reshape(x * scale[:, None, None], (b * t, n)), xp)
 
 
-def capture_statistics(params, batches, *, num_heads, proxy_images, xp, progress=None):
+def capture_statistics(params, batches, *, num_heads, proxy_images, xp, progress=None, dtype=np.float64):
     """Stream image batches through the model and accumulate layer statistics.
 
     Parameters
     ----------
     params : mapping of str -> array
-        timm-layout parameters (host or prepared; prepared here in float64).
+        timm-layout parameters (host or prepared; prepared here in ``dtype``).
     batches : iterable
         Image batches (B, C, H, W), or tuples whose first item is one (as
         yielded by ``data_tools.images.iter_batches``).
@@ -99,6 +149,10 @@ def capture_statistics(params, batches, *, num_heads, proxy_images, xp, progress
     xp : module
     progress : callable, optional
         Called with the number of images of each finished batch.
+    dtype : dtype, optional
+        Compute dtype of the forward pass and of each batch's products
+        (float64 by default; float32 is faster and agrees to about 1e-5
+        of the largest entry). Accumulation across batches is float64 always.
 
     Returns
     -------
@@ -113,7 +167,7 @@ def capture_statistics(params, batches, *, num_heads, proxy_images, xp, progress
     MrcError
         No images, or a model/image error from the forward pass.
     """
-    params = vit.prepare(params, xp, np.float64)
+    params = vit.prepare(params, xp, dtype)
     names = block_linear_names(params)
     wanted = set(names)
     acc = {}
@@ -127,7 +181,7 @@ def capture_statistics(params, batches, *, num_heads, proxy_images, xp, progress
 
     for item in batches:
         batch = item[0] if isinstance(item, tuple) else item
-        x = to_device(xp, batch, np.float64)
+        x = to_device(xp, batch, dtype)
         if x.ndim != 4 or x.shape[0] == 0:
             raise MrcError(f"image batch has shape {tuple(x.shape)}, expected (B, C, H, W) with B > 0")
         h = vit.embed(params, x, xp)
@@ -145,15 +199,191 @@ def capture_statistics(params, batches, *, num_heads, proxy_images, xp, progress
     for name in names:
         st = acc[name]
         layers[name] = {
-            "gram": to_host(st["gram"]),
+            "gram": symmetrize_upper(to_host(st["gram"])),
             "sum": to_host(st["sum"]),
             "rows": int(st["rows"]),
-            "gram_normalized": to_host(st["gram_normalized"] / images),
+            "gram_normalized": symmetrize_upper(to_host(st["gram_normalized"])) / images,
         }
     proxy_tokens = np.concatenate(proxy, axis=0) if proxy else None
     return layers, proxy_tokens
 
 
+# ----------------------------------------------------------------- shards and provenance
+def parse_shard(text):
+    """``"K/N"`` -> ``(K, N)``: shard ``K`` (0-based) of ``N``.
+
+    Raises
+    ------
+    MrcError
+        Not two integers ``K/N`` with ``N >= 1`` and ``0 <= K < N``.
+    """
+    m = _SHARD.match(str(text).strip())
+    if not m:
+        raise MrcError(f"--shard must be K/N with integers 0 <= K < N (K is 0-based), got {text!r}")
+    k, n = int(m.group(1)), int(m.group(2))
+    if n < 1 or k >= n:
+        raise MrcError(f"--shard K/N needs N >= 1 and 0 <= K < N (K is 0-based: 0/{max(n, 1)} is the first), "
+                       f"got {text!r}")
+    return k, n
+
+
+def shard_bounds(index, count, total):
+    """``(start, stop)`` of shard ``index`` of ``count`` over ``total`` items:
+    ``start = floor(index total / count)``, ``stop = floor((index + 1) total / count)``.
+
+    The shards are contiguous, disjoint, cover ``0 .. total-1`` in order, and
+    their sizes differ by at most one.
+    """
+    return index * total // count, (index + 1) * total // count
+
+
+def file_sha256(path):
+    """Hex SHA-256 of a file's bytes (what ``sha256sum`` prints)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise MrcError(f"cannot read: {exc.strerror or exc}", file=path) from None
+    return digest.hexdigest()
+
+
+def image_list_sha256(paths, folder):
+    """Hex SHA-256 of the image list: the paths relative to ``folder``, with
+    ``/`` separators, joined by newlines (UTF-8). Independent of where the
+    folder is mounted."""
+    rel = [os.path.relpath(p, folder).replace(os.sep, "/") for p in paths]
+    return hashlib.sha256("\n".join(rel).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def preprocess_description(size):
+    """The evaluation transform as a JSON string (``preprocess`` attribute);
+    two captures used the same preprocessing iff these strings are equal."""
+    from data_tools import images
+
+    return json.dumps({"transform": "deit_eval", "size": int(size), "crop_pct": images.DEFAULT_CROP_PCT,
+                       "interpolation": "bicubic", "mean": list(images.IMAGENET_MEAN),
+                       "std": list(images.IMAGENET_STD)}, sort_keys=True)
+
+
+def _load_batches(paths, batch_size, size):
+    from data_tools.images import load_image
+
+    for start in range(0, len(paths), batch_size):
+        yield np.stack([load_image(p, size=size) for p in paths[start : start + batch_size]])
+
+
+def capture_part(weights, images_folder, *, shard=(0, 1), max_images=None, proxy_images=DEFAULT_PROXY_IMAGES,
+                 batch_size=DEFAULT_BATCH_SIZE, num_heads=None, device="cpu", dtype="float64", progress=None):
+    """Capture the statistics of one shard of an image folder, in memory.
+
+    The image list is :func:`data_tools.images.list_images` order, cut to its
+    first ``max_images``; shard ``K`` of ``N`` is its slice
+    :func:`shard_bounds` ``(K, N, M)``. ``shard=(0, 1)`` is the whole list.
+
+    Parameters
+    ----------
+    weights : str
+        timm-layout .safetensors.
+    images_folder : str
+    shard : (int, int)
+        ``(K, N)``, 0-based ``K``.
+    max_images, proxy_images, batch_size, num_heads, device, dtype, progress
+        As for :func:`run` and :func:`capture_statistics`.
+
+    Returns
+    -------
+    layers : dict
+        As :func:`capture_statistics` returns (float64, host).
+    proxy : ndarray of float32 (P, T, D), or None
+        Block-0 inputs of the shard's first ``proxy_images`` images.
+    attrs : dict
+        The root attributes of the part (docs/formats.md): ``weights_file``,
+        ``weights_sha256``, ``preprocess``, ``image_list_sha256``,
+        ``images_total`` (M), ``shard_index``, ``shard_count``,
+        ``num_images`` (of this shard), ``proxy_images``, ``num_heads``,
+        ``batch_size``, ``dtype``.
+
+    Raises
+    ------
+    MrcError
+        Bad weights, folder, image or an empty shard (naming the file).
+    """
+    from data_tools.images import list_images, model_input_size
+
+    index, count = shard
+    xp = get_xp(device)
+    tensors, metadata = read_safetensors(weights)
+    try:
+        heads = vit.resolve_num_heads(tensors, num_heads, metadata)
+        size = model_input_size(tensors)
+    except MrcError as err:
+        raise err.at(file=weights) from None
+    paths = list_images(images_folder)[0]
+    if max_images is not None:
+        paths = paths[: int(max_images)]
+    start, stop = shard_bounds(index, count, len(paths))
+    if start == stop:
+        raise MrcError(f"shard {index}/{count} of {len(paths)} images is empty; use at most {len(paths)} shards",
+                       file=images_folder)
+    try:
+        layers, proxy = capture_statistics(tensors, _load_batches(paths[start:stop], int(batch_size), size),
+                                           num_heads=heads, proxy_images=proxy_images, xp=xp, progress=progress,
+                                           dtype=np.dtype(dtype))
+    except MrcError as err:
+        if err.file is None and err.layer is not None:  # a problem of the weights
+            raise err.at(file=weights) from None
+        raise
+    attrs = {
+        "weights_file": os.path.basename(os.fspath(weights)),
+        "weights_sha256": file_sha256(weights),
+        "preprocess": preprocess_description(size),
+        "image_list_sha256": image_list_sha256(paths, images_folder),
+        "images_total": len(paths),
+        "shard_index": index,
+        "shard_count": count,
+        "num_images": stop - start,
+        "proxy_images": int(proxy_images),
+        "num_heads": heads,
+        "batch_size": int(batch_size),
+        "dtype": str(np.dtype(dtype)),
+    }
+    return layers, proxy, attrs
+
+
+def store(layers, store_dtype):
+    """Copies of the statistics with ``gram``, ``sum``, ``gram_normalized`` cast to ``store_dtype``."""
+    return {name: {k: (v.astype(store_dtype) if k in ("gram", "sum", "gram_normalized") and v is not None else v)
+                   for k, v in st.items()} for name, st in layers.items()}
+
+
+def run(weights, images_folder, output, *, max_images=None, shard=(0, 1), proxy_images=DEFAULT_PROXY_IMAGES,
+        batch_size=DEFAULT_BATCH_SIZE, num_heads=None, device="cpu", quiet=False, dtype="float64",
+        store_dtype="float64"):
+    """The command line's work: read, capture, write. Returns the image count.
+
+    Statistics are accumulated in float64 and stored as ``store_dtype``
+    (float32 halves the file; the format allows both)."""
+    from tqdm import tqdm
+
+    from data_tools.images import list_images
+
+    check_output(output, (weights,))  # fail before the work, not after it
+    get_xp(device)  # --device cuda without a GPU fails before anything is read
+    total = len(list_images(images_folder)[0])
+    total = total if max_images is None else min(total, max_images)
+    start, stop = shard_bounds(shard[0], shard[1], total)
+    with tqdm(total=stop - start, unit="img", file=sys.stderr, disable=True if quiet else None,
+              desc="capture") as bar:
+        layers, proxy, attrs = capture_part(weights, images_folder, shard=shard, max_images=max_images,
+                                            proxy_images=proxy_images, batch_size=batch_size, num_heads=num_heads,
+                                            device=device, dtype=dtype, progress=bar.update)
+    write_activations(output, store(layers, store_dtype), proxy_tokens=proxy, attrs=attrs, inputs=(weights,))
+    return attrs["num_images"]
+
+
+# ----------------------------------------------------------------- command line
 def _positive(text):
     value = int(text)
     if value < 1:
@@ -168,78 +398,47 @@ def _non_negative(text):
     return value
 
 
-def run(weights, images_folder, output, *, images=None, proxy_images=DEFAULT_PROXY_IMAGES,
-        batch_size=DEFAULT_BATCH_SIZE, num_heads=None, device="cpu", quiet=False, store_dtype="float64"):
-    """The command line's work: read, capture, write. Returns the image count.
-
-    Statistics are accumulated in float64 and stored as ``store_dtype``
-    (float32 halves the file; the format allows both)."""
-    from tqdm import tqdm
-
-    from data_tools.images import iter_batches, list_images, model_input_size
-
-    check_output(output, (weights,))  # fail before the work, not after it
-    xp = get_xp(device)
-    tensors, metadata = read_safetensors(weights)
-    try:
-        heads = vit.resolve_num_heads(tensors, num_heads, metadata)
-        size = model_input_size(tensors)
-    except MrcError as err:
-        raise err.at(file=weights) from None
-    batches = iter_batches(images_folder, batch_size, size=size, limit=images)
-    total = len(list_images(images_folder)[0])
-    total = total if images is None else min(total, images)
-    counted = [0]
-
-    def counting(it):
-        for item in it:
-            counted[0] += len(item[0])
-            yield item
-
-    with tqdm(total=total, unit="img", file=sys.stderr, disable=True if quiet else None, desc="capture") as bar:
-        try:
-            layers, proxy = capture_statistics(
-                tensors, counting(batches), num_heads=heads, proxy_images=proxy_images, xp=xp, progress=bar.update
-            )
-        except MrcError as err:
-            if err.file is None and err.layer is not None:  # a problem of the weights
-                raise err.at(file=weights) from None
-            raise
-    attrs = {
-        "weights_file": os.path.basename(os.fspath(weights)),
-        "num_images": counted[0],
-        "batch_size": int(batch_size),
-        "num_heads": heads,
-    }
-    for st in layers.values():
-        for key in ("gram", "sum", "gram_normalized"):
-            st[key] = st[key].astype(store_dtype)
-    write_activations(output, layers, proxy_tokens=proxy, attrs=attrs, inputs=(weights,))
-    return counted[0]
+def add_capture_arguments(parser):
+    """The arguments shared by ``data_tools.capture`` and ``data_tools.distributed``."""
+    parser.add_argument("weights", metavar="WEIGHTS", help="timm-layout .safetensors (dense or compressed)")
+    parser.add_argument("images_folder", metavar="IMAGES", help="image folder (flat, or one sub-folder per class)")
+    parser.add_argument("-o", "--output", metavar="ACTS", required=True, help="output acts.h5")
+    parser.add_argument("--max-images", metavar="M", type=_positive, default=None,
+                        help="use only the first M images of the sorted list (default: all)")
+    parser.add_argument("--proxy-images", metavar="P", type=_non_negative, default=DEFAULT_PROXY_IMAGES,
+                        help=f"store block-0 tokens of the first P images (default {DEFAULT_PROXY_IMAGES})")
+    parser.add_argument("--batch-size", metavar="B", type=_positive, default=DEFAULT_BATCH_SIZE,
+                        help=f"images per forward pass (default {DEFAULT_BATCH_SIZE})")
+    parser.add_argument("--num-heads", metavar="H", type=int, default=None,
+                        help="default: weights metadata, else D // 64")
+    parser.add_argument("--device", choices=DEVICES, default="cpu")
+    parser.add_argument("--dtype", choices=DTYPES, default="float64",
+                        help="compute dtype of the forward pass and of each batch's products (default float64; "
+                             "sums across batches are float64 always)")
+    parser.add_argument("--store-dtype", choices=DTYPES, default="float64",
+                        help="dtype of the stored statistics (default float64)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(
         prog="python -m data_tools.capture",
         description="Capture per-layer input statistics (acts.h5) of a timm-layout ViT over an image folder.",
     )
-    parser.add_argument("weights", help="timm-layout .safetensors (dense or compressed)")
-    parser.add_argument("images_folder", metavar="IMAGES", help="image folder (flat, or one sub-folder per class)")
-    parser.add_argument("-o", "--output", required=True, help="output acts.h5")
-    parser.add_argument("--images", type=_positive, default=None, help="use the first N images (default: all)")
-    parser.add_argument("--proxy-images", type=_non_negative, default=DEFAULT_PROXY_IMAGES,
-                        help=f"store block-0 tokens of the first K images (default {DEFAULT_PROXY_IMAGES})")
-    parser.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE)
-    parser.add_argument("--num-heads", type=int, default=None, help="default: weights metadata, else D // 64")
-    parser.add_argument("--device", choices=DEVICES, default="cpu")
-    parser.add_argument("--store-dtype", choices=("float64", "float32"), default="float64",
-                        help="dtype of the stored statistics (accumulation is float64)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+    add_capture_arguments(parser)
+    parser.add_argument("--shard", metavar="K/N", default=None,
+                        help="capture only shard K of N (0-based K: 0/N .. N-1/N), a contiguous slice of the "
+                             "sorted image list; add the parts with python -m data_tools.merge")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
-        n = run(args.weights, args.images_folder, args.output, images=args.images, proxy_images=args.proxy_images,
-                batch_size=args.batch_size, num_heads=args.num_heads, device=args.device, quiet=args.quiet,
-                store_dtype=args.store_dtype)
+        shard = (0, 1) if args.shard is None else parse_shard(args.shard)
+        n = run(args.weights, args.images_folder, args.output, max_images=args.max_images, shard=shard,
+                proxy_images=args.proxy_images, batch_size=args.batch_size, num_heads=args.num_heads,
+                device=args.device, quiet=args.quiet, dtype=args.dtype, store_dtype=args.store_dtype)
     except MrcError as err:
         print(f"python -m data_tools.capture: error: {err}", file=sys.stderr)
         return 2

@@ -116,6 +116,40 @@ def test_proxy_tokens_are_the_embeddings_of_the_first_images():
     assert proxy is None
 
 
+def test_float32_capture_agrees_with_float64():
+    """``dtype=float32``: the forward pass and each batch's products in float32,
+    summed in float64. Float32 rounding (2^-24 ~ 6e-8 per op) through two
+    blocks and sums of a few hundred terms stays below ~1e-5 of the largest
+    entry; 1e-4 is a safe bound that a float32 sum across batches or a
+    wrong scaling of gram_normalized would still exceed in other tests."""
+    rng = np.random.default_rng(6)
+    params = random_params(rng)
+    x = images(9, rng)
+    want, _ = capture_statistics(params, batched(x, 4), num_heads=2, proxy_images=0, xp=np)
+    got, _ = capture_statistics(params, batched(x, 4), num_heads=2, proxy_images=0, xp=np, dtype=np.float32)
+    for name, st in want.items():
+        assert got[name]["rows"] == st["rows"]
+        for key in ("gram", "sum", "gram_normalized"):
+            assert got[name][key].dtype == np.float64
+            np.testing.assert_allclose(got[name][key], st[key], rtol=1e-4, atol=1e-4 * np.abs(st[key]).max(),
+                                       err_msg=f"{name} {key}")
+            assert np.abs(got[name][key] - st[key]).max() > 0  # really computed in float32
+        np.testing.assert_array_equal(got[name]["gram"], got[name]["gram"].T)
+
+
+def test_gram_update_is_the_upper_triangle_of_the_product():
+    from data_tools.capture import gram_update, symmetrize_upper
+
+    rng = np.random.default_rng(7)
+    for dtype in (np.float64, np.float32):
+        x = rng.standard_normal((40, 6)).astype(dtype)
+        c = np.ones((6, 6))  # accumulates: adds to what is there
+        gram_update(c, x, np)
+        want = 1.0 + x.astype(np.float64).T @ x.astype(np.float64)
+        tol = 1e-12 if dtype == np.float64 else 1e-5
+        np.testing.assert_allclose(symmetrize_upper(c), want, rtol=tol, atol=tol * np.abs(want).max())
+
+
 def test_progress_and_errors():
     rng = np.random.default_rng(2)
     params = random_params(rng)
@@ -183,7 +217,7 @@ def test_cli_writes_the_statistics(tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run(
         [sys.executable, "-m", "data_tools.capture", str(weights), str(folder), "-o", str(out),
-         "--batch-size", "2", "--proxy-images", "3", "--images", "4", "--quiet"],
+         "--batch-size", "2", "--proxy-images", "3", "--max-images", "4", "--quiet"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )
     assert r.returncode == 0, r.stderr
@@ -202,8 +236,27 @@ def test_cli_writes_the_statistics(tmp_path):
         np.testing.assert_array_equal(read_proxy_tokens(f), want_proxy)
 
     bad = subprocess.run(
-        [sys.executable, "-m", "data_tools.capture", str(weights), str(tmp_path / "missing"), "-o", str(out)],
+        [sys.executable, "-m", "data_tools.capture", str(weights), str(tmp_path / "missing"), "-o", str(out),
+         "--quiet"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_help_has_no_duplicated_metavar(capsys):
+    """Each placeholder of the usage names one thing (the positional IMAGES
+    once clashed with ``--images IMAGES``)."""
+    import re
+
+    from data_tools.capture import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    usage = text.split("\n\n")[0]
+    metavars = re.findall(r"(?<![\w-])[A-Z][A-Z0-9_]*(?:/[A-Z][A-Z0-9_]*)?(?![\w-])", usage)
+    assert len(metavars) == len(set(metavars)), metavars
+    assert {"WEIGHTS", "IMAGES", "ACTS", "M", "K/N"} <= set(metavars)
+    assert "--max-images M" in usage and "--images" not in usage.replace("--max-images", "")

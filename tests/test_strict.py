@@ -328,7 +328,7 @@ def test_capture_and_evaluate_on_the_double(device_is_strict, tmp_path):
     from mrc_ref.evaluate import model_logits
 
     for device in ("cpu", "cuda"):
-        capture(example_data.WEIGHTS, example_data.CALIB_IMAGES, str(tmp_path / f"{device}.h5"), images=12,
+        capture(example_data.WEIGHTS, example_data.CALIB_IMAGES, str(tmp_path / f"{device}.h5"), max_images=12,
                 proxy_images=3, batch_size=5, device=device, quiet=True)
     with h5py.File(tmp_path / "cpu.h5") as ref, h5py.File(tmp_path / "cuda.h5") as got:
         for name in ref["layers"]:
