@@ -8,6 +8,7 @@ so that a model evaluated here sees the same pixels as in timm.
 
 import math
 import os
+import warnings
 
 import numpy as np
 
@@ -20,6 +21,11 @@ DEFAULT_CROP_PCT = 0.875
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+#: The largest image accepted, in pixels: 64 megapixels, so a 50-megapixel
+#: camera photo passes (decoded to RGB, an image this size takes 0.2 GB).
+#: Larger images are refused from their header, before they are decoded.
+MAX_PIXELS = 64_000_000
 
 
 def _is_image_name(name):
@@ -218,16 +224,34 @@ def load_image(path, **transform_kw):
     Raises
     ------
     MrcError
-        Naming the file: missing, unreadable, not an image, truncated, or of
-        an unsupported mode.
+        Naming the file: missing, unreadable, not an image, truncated, of
+        an unsupported mode, or over :data:`MAX_PIXELS` (checked from the
+        header, before decoding).
+
+    Notes
+    -----
+    Pillow's warnings (decompression bomb, palette transparency, corrupt
+    EXIF...) are not shown: an image is either read or refused with one
+    line.
     """
     from PIL import Image
 
     path = os.fspath(path)
     try:
-        with Image.open(path) as img:
-            img.load()
-            return eval_transform(img, **transform_kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                img = Image.open(path)
+            except Image.DecompressionBombError:  # over twice Pillow's own limit, far over ours
+                raise MrcError(f"image has more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels, "
+                               f"over the limit of {MAX_PIXELS / 1e6:g} megapixels") from None
+            with img:
+                width, height = img.size
+                if width * height > MAX_PIXELS:
+                    raise MrcError(f"image is {width}×{height} = {width * height / 1e6:.1f} megapixels, "
+                                   f"over the limit of {MAX_PIXELS / 1e6:g} megapixels")
+                img.load()
+                return eval_transform(img, **transform_kw)
     except MrcError as err:
         raise err.at(file=path) from None
     except OSError as exc:

@@ -16,7 +16,8 @@ from .errors import MrcError
 
 def build_parser():
     d = pipeline.Config()
-    p = argparse.ArgumentParser(prog="python -m mrc_ref.compress", description=__doc__.splitlines()[2])
+    description = " ".join(__doc__.split("\n\n")[1].replace("``", "").split())  # the docstring's 2nd paragraph
+    p = argparse.ArgumentParser(prog="python -m mrc_ref.compress", description=description)
     p.add_argument("weights", nargs="?", help="model weights (safetensors)")
     p.add_argument("acts", nargs="?", help="activation statistics (acts.h5, version 1)")
     p.add_argument("-o", "--output", help="compressed safetensors (default: <weights>.compressed.safetensors)")
@@ -38,7 +39,8 @@ def build_parser():
     p.add_argument("--residual-rank", type=int, default=d.residual_rank,
                    help="rank q of the residual P Q, counted in the budget (default: %(default)s)")
     p.add_argument("--compensation", default=d.compensation, choices=["auto", *pipeline.COMPENSATIONS],
-                   help="Stage 3 mode; auto = sequential when acts.h5 has proxy tokens, else local")
+                   help="Stage 3 mode; auto = sequential when acts.h5 has proxy tokens, else local "
+                        "(default: %(default)s)")
     p.add_argument("--steps", type=int, default=d.steps, help="Adam steps per layer (default: %(default)s)")
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the residual's initial Q (default: %(default)s)")
@@ -93,25 +95,27 @@ def compress_files(weights, acts, output, config, *, report_path=None, quiet=Tru
     Returns the report (dict).
     """
     inputs = (weights, acts)
-    formats.check_output(output, inputs)  # refuse before any work is done
-    if report_path is not None:
-        formats.check_output(report_path, inputs + (output,))
-        if os.path.abspath(report_path) == os.path.abspath(output):
-            raise MrcError("the report would overwrite the compressed model", file=report_path)
+    formats.check_outputs((output, report_path), inputs)  # refuse before any work is done
     pipeline.check_config(config)
     xp = get_xp(config.device)
     tensors, metadata = formats.read_safetensors(weights)
     with formats.open_activations(acts) as f:
-        proxy = formats.read_proxy_tokens(f) if config.compensation in ("auto", "sequential") else None
+        pos = tensors.get("pos_embed")
+        proxy = (formats.read_proxy_tokens(f, pos.shape[1:] if getattr(pos, "ndim", 0) == 3 else None, acts)
+                 if config.compensation in ("auto", "sequential") else None)
         sequential = None
         if proxy is not None:
             from .sequential import make_sequential  # needs the ViT forward pass
 
             sequential = make_sequential(tensors, metadata, proxy, progress=progress_bar(quiet), source=acts)
-        out, report = pipeline.run(tensors, lambda name: formats.read_layer_stats(f, name, acts), config,
+        def load_stats(name):  # shapes checked against the weight before any data is read
+            return formats.read_layer_stats(f, name, acts, n=int(tensors[name + ".weight"].shape[1]))
+
+        out, report = pipeline.run(tensors, load_stats, config,
                                    xp=xp, progress=progress_bar(quiet), sequential=sequential,
                                    files=(weights, acts))
     report["inputs"] = {"weights": os.path.basename(weights), "acts": os.path.basename(acts)}
+    formats.json_text(report, report_path)  # a report JSON cannot hold is refused before anything is written
     formats.write_safetensors(output, out, formats.compressed_metadata(report, metadata), inputs=inputs)
     if report_path:
         formats.write_json(report_path, report, inputs=inputs)

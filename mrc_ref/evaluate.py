@@ -53,26 +53,41 @@ def model_logits(weights, images, *, num_heads=None, batch_size=64, limit=None, 
     return np.concatenate(logits), (np.concatenate(labels) if labels else None)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m mrc_ref.evaluate", description=__doc__.splitlines()[2])
+def build_parser():
+    description = " ".join(__doc__.split("\n\n")[1].replace("``", "").split())  # the docstring's 2nd paragraph
+    p = argparse.ArgumentParser(prog="python -m mrc_ref.evaluate", description=description)
     p.add_argument("weights", help="model weights, dense or compressed (safetensors)")
     p.add_argument("images", metavar="IMAGES", help="image folder (class sub-folders, or flat)")
     p.add_argument("--reference", help="original model to compare the outputs with")
-    p.add_argument("--images", dest="limit", type=int, help="use the first N images")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--crop-pct", type=float, default=0.875)
-    p.add_argument("--num-heads", type=int)
-    p.add_argument("--device", default="cpu", choices=DEVICES)
-    p.add_argument("--dtype", default="float64", choices=list(DTYPES))
+    p.add_argument("--images", dest="limit", type=int, metavar="N", help="use the first N images (default: all)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--crop-pct", type=float, default=0.875,
+                   help="centre-crop fraction of the DeiT eval transform, in (0, 1] (default: %(default)s)")
+    p.add_argument("--num-heads", type=int,
+                   help="attention heads (default: the weights' num_heads metadata, else width / 64)")
+    p.add_argument("--device", default="cpu", choices=DEVICES, help="NumPy or CuPy (default: %(default)s)")
+    p.add_argument("--dtype", default="float64", choices=list(DTYPES),
+                   help="dtype of the forward pass (default: %(default)s)")
     p.add_argument("--save-logits", help="write the logits (and labels) to this .npz")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     try:
         if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
             raise MrcError("--batch-size and --images must be positive")
-        if not 0 < args.crop_pct <= 1:
+        if not 0 < args.crop_pct <= 1:  # also refuses NaN
             raise MrcError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+        if args.num_heads is not None and args.num_heads < 1:
+            raise MrcError(f"--num-heads must be positive, got {args.num_heads}")
+        if args.save_logits:  # refuse before any work: not an input, not an image of IMAGES
+            from data_tools.images import list_images
+
+            formats.check_output(args.save_logits, (args.weights, args.reference, *list_images(args.images)[0]))
         kw = dict(num_heads=args.num_heads, batch_size=args.batch_size, limit=args.limit, crop_pct=args.crop_pct,
                   device=args.device, dtype=args.dtype, quiet=args.quiet)
         logits, labels = model_logits(args.weights, args.images, **kw)

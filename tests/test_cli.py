@@ -426,6 +426,233 @@ BAD = {
 }
 
 
+# ------------------------------------------------------------------ bad input: hardening (issue 9)
+def _weight(weights, layer):
+    return load_file(weights)[layer + ".weight"].astype(np.float64)
+
+
+def _indefinite_in_null_space(c, layer):
+    """Make the Gram of a wide layer (m < n) indefinite along a direction in
+    the null space of its weight (its smallest eigenvalue becomes −0.1 times
+    the largest), keeping a positive diagonal: ``W C Wᵀ`` does not change, so
+    only a check of the statistic itself can see it."""
+    W = _weight(c.weights, layer)
+    m, n = W.shape
+    assert m < n
+
+    def edit(g):
+        gram = g["gram"][()]
+        null = np.linalg.svd(W)[2][m:].T
+        v = null @ np.linalg.eigh(null.T @ gram @ null)[1][:, 0]  # least energy within the null space
+        top = np.linalg.eigvalsh(gram)[-1]
+        bad = gram - (v @ gram @ v + 0.1 * top) * np.outer(v, v)
+        bad = (bad + bad.T) / 2
+        evals = np.linalg.eigvalsh(bad)
+        assert evals[0] < -0.05 * evals[-1] and np.diag(bad).min() > 0
+        assert np.allclose(W @ bad @ W.T, W @ gram @ W.T, rtol=1e-9, atol=1e-9 * top)
+        _replace(g, "gram", bad)
+
+    _edit_layer(c.acts, layer, edit)
+
+
+def _declare(acts, path, shape, dtype="f4"):
+    """Replace dataset ``path`` by a chunked one that declares ``shape`` but
+    holds no data (the file stays small)."""
+    with h5py.File(acts, "a") as f:
+        if path in f:
+            del f[path]
+        f.create_dataset(path, shape=shape, dtype=dtype, chunks=tuple(min(s, 64) or 1 for s in shape))
+
+
+def _proxy(acts, tokens):
+    with h5py.File(acts, "a") as f:
+        f.create_group("proxy").create_dataset("tokens", data=tokens)
+
+
+def _tokens(images=3, nan=False):
+    t = np.random.default_rng(0).standard_normal((images, 17, 64)).astype(np.float32)
+    if nan:
+        t[-1, 5, 7] = np.nan
+    return t
+
+
+def _external_link(c, layer, key="gram"):
+    """Move ``layers/<layer>/<key>`` into ``other.h5`` and link to it."""
+    other = os.path.join(c.dir, "other.h5")
+    with h5py.File(c.acts, "a") as f, h5py.File(other, "a") as o:
+        o[key] = f[f"layers/{layer}/{key}"][()]
+        del f[f"layers/{layer}/{key}"]
+        f[f"layers/{layer}/{key}"] = h5py.ExternalLink("other.h5", "/" + key)
+
+
+def _external_group(c, layer):
+    other = os.path.join(c.dir, "other.h5")
+    with h5py.File(c.acts, "a") as f, h5py.File(other, "a") as o:
+        f.copy(f[f"layers/{layer}"], o, name="g")
+        del f[f"layers/{layer}"]
+        f[f"layers/{layer}"] = h5py.ExternalLink("other.h5", "/g")
+
+
+def _external_storage(c, layer):
+    """``gram`` whose raw data is kept in a separate file, ``gram.bin``."""
+    raw = os.path.join(c.dir, "gram.bin")
+    with h5py.File(c.acts, "a") as f:
+        gram = f[f"layers/{layer}/gram"][()]
+        gram.astype("<f8").tofile(raw)
+        del f[f"layers/{layer}/gram"]
+        f.create_dataset(f"layers/{layer}/gram", shape=gram.shape, dtype="<f8",
+                         external=[("gram.bin", 0, gram.nbytes)])
+
+
+def _zero_weight(weights, name):
+    with safe_open(weights, "np") as f:
+        meta = f.metadata()
+    t = load_file(weights)
+    t[name] = np.zeros_like(t[name])
+    save_file(t, weights, metadata=meta)
+
+
+def _new_header(weights, header):
+    """Replace the JSON header of a safetensors file, keeping its data."""
+    with open(weights, "rb") as fh:
+        blob = fh.read()
+    hlen = int.from_bytes(blob[:8], "little")
+    text = header.encode() if isinstance(header, str) else json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(weights, "wb") as fh:
+        fh.write(len(text).to_bytes(8, "little") + text + blob[8 + hlen :])
+
+
+def _edit_header(weights, fn):
+    with open(weights, "rb") as fh:
+        hlen = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(hlen))
+    fn(header)
+    _new_header(weights, header)
+
+
+def _set_dtype(name, code):
+    return lambda h: h[name].__setitem__("dtype", code)
+
+
+def _append(path, data):
+    with open(path, "ab") as fh:
+        fh.write(data)
+
+
+def _symlinked(c, out_in, report_in, out_name="out.safetensors", report_name="out.safetensors"):
+    """``real/`` and a link ``link -> real``; the output and the report in
+    either (``"real"``, ``"link"``, or ``"."`` for the input directory)."""
+    os.mkdir(os.path.join(c.dir, "real"))
+    os.symlink("real", os.path.join(c.dir, "link"))
+    os.symlink(".", os.path.join(c.dir, "here"))
+    where = {"real": "real", "link": "link", ".": "here"}
+    return c.set(out=os.path.join(c.dir, where[out_in], out_name),
+                 report=os.path.join(c.dir, where[report_in], report_name))
+
+
+FC2 = "blocks.0.mlp.fc2"  # 64 x 256: m < n, so W C Wᵀ hides part of C
+BAD.update({
+    # 1. the statistic itself must be positive semi-definite
+    "gram-indefinite-in-null-space": Case(lambda c: _indefinite_in_null_space(c, FC2), "acts", FC2,
+                                          ["gram is not positive semi-definite"]),
+    "gram-normalized-indefinite": Case(lambda c: _edit_layer(c.acts, L, _set("gram_normalized", _indefinite)),
+                                       "acts", L, ["gram_normalized", "semi-definite"]),
+    # 3, 5. dtypes that are not real floating point, odd HDF5 types and attributes
+    "gram-complex": Case(lambda c: _edit_layer(c.acts, L, _set("gram", lambda a: a + 1j * a)),
+                         "acts", L, ["gram has dtype complex128"]),
+    "sum-complex": Case(lambda c: _edit_layer(c.acts, L, _set("sum", lambda a: (a + 1j).astype(np.complex64))),
+                        "acts", L, ["sum has dtype complex64"]),
+    "gram-normalized-complex": Case(lambda c: _edit_layer(c.acts, L, _set("gram_normalized", lambda a: a + 0j)),
+                                    "acts", L, ["gram_normalized has dtype complex"]),
+    "gram-compound": Case(lambda c: _edit_layer(c.acts, L, _set(
+        "gram", lambda a: np.zeros(a.shape, dtype=[("re", "f8"), ("im", "f8")]))), "acts", L, ["gram has dtype"]),
+    "gram-string": Case(lambda c: _edit_layer(c.acts, L, _set("gram", lambda a: a.astype("S12"))),
+                        "acts", L, ["gram has dtype"]),
+    "gram-int": Case(lambda c: _edit_layer(c.acts, L, _set("gram", lambda a: np.rint(a).astype(np.int64))),
+                     "acts", L, ["gram has dtype int64"]),
+    "gram-bool": Case(lambda c: _edit_layer(c.acts, L, _set("gram", lambda a: a > 0)), "acts", L, ["gram has dtype"]),
+    "gram-float16": Case(lambda c: _edit_layer(c.acts, L, _set("gram", lambda a: a.astype(np.float16))),
+                         "acts", L, ["gram has dtype float16"]),
+    "gram-is-a-group": Case(lambda c: _edit_layer(c.acts, L, lambda g: g.__delitem__("gram") or g.create_group("gram")),
+                            "acts", L, ["gram is not a dataset"]),
+    "rows-float": Case(lambda c: _edit_layer(c.acts, L, lambda g: g.attrs.__setitem__("rows", 2.5)),
+                       "acts", L, ["rows"]),
+    "rows-array": Case(lambda c: _edit_layer(c.acts, L, lambda g: g.attrs.__setitem__("rows", [5, 6])),
+                       "acts", L, ["rows"]),
+    "rows-string": Case(lambda c: _edit_layer(c.acts, L, lambda g: g.attrs.__setitem__("rows", "many")),
+                        "acts", L, ["rows"]),
+    "acts-format-array": Case(lambda c: _root_attr(c.acts, "format", np.array(["mrc_ref.activations", "x"], "S")),
+                              "acts", None, ["format"]),
+    "acts-format-number": Case(lambda c: _root_attr(c.acts, "format", 3.5), "acts", None, ["format"]),
+    "acts-version-array": Case(lambda c: _root_attr(c.acts, "version", [1, 1]), "acts", None, ["version"]),
+    "acts-version-bool": Case(lambda c: _root_attr(c.acts, "version", True), "acts", None, ["version"]),
+    # 6. declared shapes checked before any data is read
+    "gram-declared-huge": Case(lambda c: _declare(c.acts, f"layers/{L}/gram", (20000, 20000)),
+                               "acts", L, ["gram has shape (20000, 20000)", "(64, 64)"]),
+    "sum-declared-huge": Case(lambda c: _declare(c.acts, f"layers/{L}/sum", (10**9,)),
+                              "acts", L, ["sum has shape"]),
+    "gram-declared-unwritten": Case(lambda c: _declare(c.acts, f"layers/{L}/gram", (64, 64)),
+                                    "acts", L, ["never written"]),
+    "proxy-declared-huge": Case(lambda c: _declare(c.acts, "proxy/tokens", (200000, 999, 64)),
+                                "acts", None, ["proxy/tokens has shape (200000, 999, 64)", "pos_embed"]),
+    "proxy-declared-unwritten": Case(lambda c: _declare(c.acts, "proxy/tokens", (200000, 17, 64)),
+                                     "acts", None, ["proxy/tokens", "never written"]),
+    "proxy-wrong-width": Case(lambda c: _proxy(c.acts, np.zeros((2, 17, 32), np.float32)),
+                              "acts", None, ["proxy/tokens has shape (2, 17, 32)", "pos_embed"]),
+    "weights-trailing-bytes": Case(lambda c: _append(c.weights, b"\0" * 4096), "weights", None, ["4096 bytes follow"]),
+    "weights-data-truncated": Case(lambda c: _edit_header(c.weights, lambda h: h.__setitem__(
+        "zz.extra", {"dtype": "F32", "shape": [1000], "data_offsets": [10**8, 10**8 + 4000]})),
+        "weights", None, ["gap"]),
+    "weights-offsets-mismatch": Case(lambda c: _edit_header(c.weights, lambda h: h["head.bias"].__setitem__(
+        "shape", [3])), "weights", None, ["head.bias", "need"]),
+    # 7. the right file, layer and cause
+    "proxy-nan": Case(lambda c: _proxy(c.acts, _tokens(nan=True)), "acts", None, ["proxy/tokens contains nan"]),
+    "proxy-zero-images": Case(lambda c: _proxy(c.acts, np.zeros((0, 17, 64), np.float32)),
+                              "acts", None, ["proxy/tokens holds no images"]),
+    "weights-all-zero": Case(lambda c: _zero_weight(c.weights, "blocks.1.attn.proj.weight"), "weights",
+                             "blocks.1.attn.proj", ["all zero"]),
+    # 8. safetensors headers
+    "weights-header-list": Case(lambda c: _new_header(c.weights, "[1, 2]"), "weights", None,
+                                ["header is not a json object"]),
+    "weights-header-null": Case(lambda c: _new_header(c.weights, "null"), "weights", None,
+                                ["header is not a json object (got null)"]),
+    "weights-header-string": Case(lambda c: _new_header(c.weights, '"weights"'), "weights", None,
+                                  ["header is not a json object"]),
+    "weights-entry-not-object": Case(lambda c: _edit_header(c.weights, lambda h: h.__setitem__("x", 5)),
+                                     "weights", None, ["'x'", "not an object"]),
+    "weights-metadata-not-strings": Case(lambda c: _edit_header(c.weights, lambda h: h.__setitem__(
+        "__metadata__", {"num_heads": 4})), "weights", None, ["__metadata__"]),
+    "weights-f8": Case(lambda c: _edit_header(c.weights, _set_dtype("head.bias", "F8_E4M3")),
+                       "weights", None, ["F8_E4M3", "not supported"]),
+    # 4. outputs compared by resolved path
+    "report-is-output-through-symlinked-dir": Case(lambda c: _symlinked(c, "real", "link"), "report", None,
+                                                   ["overwrite", "out.safetensors"]),
+    "output-is-weights-through-symlinked-dir": Case(
+        lambda c: _symlinked(c, ".", "real", out_name="weights.safetensors", report_name="r.json"),
+        "out", None, ["input"]),
+    "report-is-acts-through-symlinked-dir": Case(
+        lambda c: _symlinked(c, "real", ".", report_name="acts.h5"), "report", None, ["input"]),
+    "report-is-output-via-dotdot": Case(
+        lambda c: os.mkdir(os.path.join(c.dir, "sub")) or c.set(report=os.path.join(c.dir, "sub", "..", "out.safetensors")),
+        "report", None, ["overwrite"]),
+    # 9. float options finite and in range
+    "lr-inf": Case(lambda c: ["--lr", "inf"], None, None, ["--lr must be a finite number, got inf"]),
+    "lr-nan": Case(lambda c: ["--lr", "nan"], None, None, ["--lr must be a finite number, got nan"]),
+    "lr-huge": Case(lambda c: ["--lr", "1e300"], None, None, ["--lr", "at most"]),
+    "lr-overflow": Case(lambda c: ["--lr", "1e999"], None, None, ["--lr must be a finite number"]),
+    "reduction-nan": Case(lambda c: ["--reduction", "nan"], None, None, ["--reduction must be a finite number"]),
+    "reduction-minus-inf": Case(lambda c: ["--reduction=-inf"], None, None, ["--reduction must be a finite number"]),
+    # 10. rank + residual rank
+    "rank-plus-residual-rank-too-large": Case(lambda c: ["--rank", "60", "--residual-rank", "70"], None, None,
+                                              ["rank + residual rank must not exceed min(m, n)", "192×64"]),
+    # 11. HDF5 links and data in other files
+    "gram-external-link": Case(lambda c: _external_link(c, L), "acts", L, ["external link", "other.h5"]),
+    "layer-external-link": Case(lambda c: _external_group(c, L), "acts", L, ["external link", "other.h5"]),
+    "gram-external-storage": Case(lambda c: _external_storage(c, L), "acts", L, ["gram.bin"]),
+})
+
+
 class Ctx:
     def __init__(self, weights, acts):
         self.weights, self.acts = weights, acts
@@ -486,3 +713,131 @@ def test_smallest_size_is_exact(synthetic_model, run_cli, tmp_path, read_header,
     run_ok(run_cli, weights, acts, out, "--reduction", repr(reduction), "--compensation", "local")
     assert factor_ranks(out) == {name: (1, 8) for name in SELECTED}
     assert stored_params(out) == smallest
+
+
+# ------------------------------------------------------------------ half-precision weights (issue 9, item 8)
+def _to_half_file(src, dst, code):
+    """Rewrite every float32 tensor of ``src`` as ``code`` (``"F16"``, or
+    ``"BF16"``: the upper 16 bits of each float32, so the values are exact
+    bfloat16 numbers); returns ``{name: float64 values as stored}``."""
+    header, start = _hand_header(src)
+    with open(src, "rb") as fh:
+        blob = fh.read()
+    out_header, chunks, values, offset = {"__metadata__": header.get("__metadata__", {})}, [], {}, 0
+    for name, info in sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                             key=lambda kv: kv[1]["data_offsets"][0]):
+        a, b = info["data_offsets"]
+        raw = blob[start + a : start + b]
+        if info["dtype"] == "F32":
+            f32 = np.frombuffer(raw, "<f4")
+            if code == "F16":
+                half = f32.astype("<f2")
+                raw, vals = half.tobytes(), half.astype(np.float64)
+            else:
+                bits = (f32.view("<u4") >> 16).astype("<u2")
+                raw, vals = bits.tobytes(), (bits.astype("<u4") << 16).view("<f4").astype(np.float64)
+            info = {**info, "dtype": code}
+            values[name] = vals.reshape(info["shape"])
+        out_header[name] = {**info, "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    text = json.dumps(out_header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(dst, "wb") as fh:
+        fh.write(len(text).to_bytes(8, "little") + text + b"".join(chunks))
+    return values
+
+
+def _hand_header(path):
+    with open(path, "rb") as fh:
+        hlen = int.from_bytes(fh.read(8), "little")
+        return json.loads(fh.read(hlen)), 8 + hlen
+
+
+@pytest.mark.parametrize("code, stored", [("BF16", "F32"), ("F16", "F16")])
+def test_half_precision_weights(synthetic_model, run_cli, tmp_path, raw_tensors, code, stored):
+    """BF16 tensors are read widened to float32 (exactly), F16 as stored;
+    the run succeeds and a tensor passed through keeps its values."""
+    weights, acts = synthetic_model
+    half = str(tmp_path / "half.safetensors")
+    values = _to_half_file(weights, half, code)
+    out = str(tmp_path / "o.safetensors")
+    run_ok(run_cli, half, acts, out, "--compensation", "local")
+    raw = raw_tensors(out)
+    dtype, shape, data = raw["pos_embed"]
+    assert dtype == stored and shape == tuple(values["pos_embed"].shape)
+    np.testing.assert_array_equal(np.frombuffer(data, "<f4" if stored == "F32" else "<f2").reshape(shape),
+                                  values["pos_embed"])
+    assert raw["blocks.0.attn.qkv.lowrank_a"][0] == stored
+
+
+# ------------------------------------------------------------------ option values and help (issue 9, items 9-10)
+def test_every_float_option_must_be_finite():
+    """Every floating-point field of Config, present or added later, refuses
+    NaN and ±Inf with a message naming its option."""
+    import dataclasses
+
+    from mrc_ref import pipeline
+    from mrc_ref.errors import MrcError
+
+    default = pipeline.Config()
+    floats = [f.name for f in dataclasses.fields(default) if isinstance(getattr(default, f.name), float)]
+    assert {"lr", "reduction"} <= set(floats)
+    for name in floats:
+        for bad in (math.inf, -math.inf, math.nan):
+            with pytest.raises(MrcError, match=f"^--{name.replace('_', '-')} must be a finite number, got"):
+                pipeline.check_config(dataclasses.replace(default, **{name: bad}))
+
+
+class _Parsed(Exception):
+    pass
+
+
+def _parser_of(module, monkeypatch):
+    """The ArgumentParser that ``module.main`` builds, caught at parse time."""
+    import argparse
+    import importlib
+
+    def catch(self, *args, **kwargs):
+        raise _Parsed(self)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
+    with pytest.raises(_Parsed) as info:
+        importlib.import_module(module).main([])
+    return info.value.args[0]
+
+
+def _cli_modules():
+    import importlib
+    import pkgutil
+
+    import mrc_ref
+
+    found = []
+    for info in pkgutil.iter_modules(mrc_ref.__path__):
+        module = importlib.import_module(f"mrc_ref.{info.name}")
+        if callable(getattr(module, "main", None)):
+            found.append(module.__name__)
+    return found
+
+
+def test_cli_modules_found():
+    assert {"mrc_ref.compress", "mrc_ref.evaluate"} <= set(_cli_modules())
+
+
+@pytest.mark.parametrize("module", _cli_modules())
+def test_every_option_has_help_and_the_description_is_whole(module, monkeypatch):
+    import argparse
+
+    parser = _parser_of(module, monkeypatch)
+    description = parser.description or ""
+    assert description.strip().endswith("."), description  # a whole sentence, not the first line of one
+    assert "``" not in description
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        name = "/".join(action.option_strings) or action.dest
+        assert action.help and action.help.strip(), f"{module}: {name} has no help"
+        if action.default not in (None, False, argparse.SUPPRESS) and action.option_strings:
+            assert "%(default)s" in action.help or str(action.default) in action.help, \
+                f"{module}: {name} does not show its default {action.default!r}"

@@ -122,3 +122,71 @@ def test_reference_with_other_classes_and_bad_crop_exit_2(small_folder, tmp_path
         res = run("mrc_ref.evaluate", example_data.WEIGHTS, small_folder, *extra, "--quiet")
         assert res.returncode == 2 and "Traceback" not in res.stderr
         assert len(res.stderr.strip().splitlines()) == 1 and words in res.stderr
+
+
+# ------------------------------------------------------------------ hardening (issue 9, items 4 and 11)
+def _png_header_only(path, width, height):
+    """A greyscale PNG that declares ``width × height`` but holds almost no
+    pixel data: enough for Pillow to read its size (the header), and cheap
+    whatever size it declares."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("module", ["mrc_ref.evaluate", "data_tools.capture"])
+@pytest.mark.parametrize("width, height, words", [(12000, 8000, "12000×8000 = 96.0 megapixels"),
+                                                  (20000, 10000, "more than 179 megapixels")])
+def test_huge_image_refused_in_one_line(tmp_path, module, width, height, words):
+    """Over the limit (data_tools.images.MAX_PIXELS), below and above
+    Pillow's own decompression-bomb error: one line naming the file, no
+    warning, nothing written."""
+    folder = tmp_path / "imgs" / "0"
+    folder.mkdir(parents=True)
+    big = folder / "big.png"
+    _png_header_only(big, width, height)
+    extra = ["-o", tmp_path / "acts.h5"] if module == "data_tools.capture" else []
+    res = run(module, example_data.WEIGHTS, tmp_path / "imgs", *extra, "--quiet")
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Warning" not in res.stderr, res.stderr
+    assert str(big) in lines[0] and words in lines[0] and "over the limit of 64 megapixels" in lines[0]
+    assert sorted(os.listdir(tmp_path)) == ["imgs"]
+
+
+def test_image_limit_is_checked_before_decoding(tmp_path, monkeypatch):
+    from data_tools import images
+    from mrc_ref.errors import MrcError
+
+    path = tmp_path / "x.png"
+    _png_header_only(path, 100, 60)  # no valid pixel data: decoding would fail with another message
+    monkeypatch.setattr(images, "MAX_PIXELS", 5999)
+    with pytest.raises(MrcError, match="100×60 = 0.0 megapixels, over the limit"):
+        images.load_image(path, size=16)
+
+
+@pytest.mark.parametrize("target", ["weights-via-linked-dir", "image-of-the-folder", "reference"])
+def test_save_logits_never_overwrites_an_input(small_folder, tmp_path, target):
+    weights = tmp_path / "w.safetensors"
+    shutil.copy(example_data.WEIGHTS, weights)
+    folder = tmp_path / "imgs"
+    shutil.copytree(small_folder, folder)
+    os.symlink(tmp_path, tmp_path / "link")
+    reference = tmp_path / "ref.safetensors"
+    shutil.copy(example_data.WEIGHTS, reference)
+    save = {"weights-via-linked-dir": tmp_path / "link" / "w.safetensors",
+            "image-of-the-folder": tmp_path / "link" / "imgs" / "1" / sorted(os.listdir(folder / "1"))[0],
+            "reference": tmp_path / "link" / "ref.safetensors"}[target]
+    before = {p: open(p, "rb").read() for p in (weights, reference, save)}
+    res = run("mrc_ref.evaluate", weights, folder, "--reference", reference, "--save-logits", save, "--quiet")
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "would overwrite an input" in lines[0] and str(save) in lines[0]
+    assert {p: open(p, "rb").read() for p in before} == before
+    assert not [n for n in os.listdir(save.parent) if n.endswith(".tmp")]
