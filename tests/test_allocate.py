@@ -212,9 +212,13 @@ def test_infeasible_budget_names_the_smallest_size():
 
 def test_fixed_rank_range():
     assert al.fixed_rank([(8, 8)], 2, 6) == [6]
-    with pytest.raises(MrcError, match="out of range"):
+    with pytest.raises(MrcError, match=r"rank 7 plus residual rank 2 is 9, more than min\(m, n\) = 8 of a 8×8 layer: "
+                                       r"rank \+ residual rank must not exceed min\(m, n\)$"):
         al.fixed_rank([(8, 8)], 2, 7)
-    with pytest.raises(MrcError, match="out of range"):
+    with pytest.raises(MrcError, match=r"rank 60 plus residual rank 70 is 130, more than min\(m, n\) = 64 of a "
+                                       r"192×64 layer"):  # not a range "(1 … -6)"
+        al.fixed_rank([(192, 64), (64, 64)], 70, 60)
+    with pytest.raises(MrcError, match="rank must be at least 1, got 0"):
         al.fixed_rank([(8, 8)], 0, 0)
 
 
