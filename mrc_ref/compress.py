@@ -101,7 +101,8 @@ def compress_files(weights, acts, output, config, *, report_path=None, quiet=Tru
     tensors, metadata = formats.read_safetensors(weights)
     with formats.open_activations(acts) as f:
         pos = tensors.get("pos_embed")
-        proxy = (formats.read_proxy_tokens(f, pos.shape[1:] if getattr(pos, "ndim", 0) == 3 else None, acts)
+        proxy = (formats.read_proxy_tokens(f, pos.shape[1:] if getattr(pos, "ndim", 0) == 3 else None, acts,
+                                           lazy=True)  # checked, read a batch at a time by the sequential pass
                  if config.compensation in ("auto", "sequential") else None)
         sequential = None
         if proxy is not None:

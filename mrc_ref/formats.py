@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 
 from .errors import MrcError
+from .stats import check_declared
 from .vit import dense_weight
 
 ACTS_FORMAT = "mrc_ref.activations"
@@ -359,8 +360,6 @@ def _check_written(ds, what):
 def _read_checked(ds, what, expected, origin="the layer's weight"):
     """Read dataset ``ds`` after checking its declared dtype and shape
     (:func:`mrc_ref.stats.check_declared`) and that its data was written."""
-    from .stats import check_declared
-
     shape, dtype = _dataset_meta(ds, what)
     check_declared(what, shape, dtype, expected, origin)
     _check_written(ds, what)
@@ -444,13 +443,18 @@ def read_layer_stats(f, name, path=None, n=None):
         raise MrcError(f"cannot read statistics ({exc})", file=path, layer=name) from None
 
 
-def read_proxy_tokens(f, tokens_shape=None, path=None):
+def read_proxy_tokens(f, tokens_shape=None, path=None, *, lazy=False):
     """Return ``proxy/tokens`` of an open ``acts.h5`` as float32, or ``None``.
 
-    Before the data is read, its declared dtype must be float32 or float64
-    and its shape ``(images, tokens, d)`` with ``images > 0`` and, when
-    ``tokens_shape`` (``pos_embed.shape[1:]`` of the model) is given,
-    ``(tokens, d)`` equal to it. After reading, every value must be finite.
+    Before the data is read, its declared dtype must be float32 or float64,
+    its data written, and its shape ``(images, tokens, d)`` with
+    ``images > 0`` and, when ``tokens_shape`` (``pos_embed.shape[1:]`` of the
+    model) is given, ``(tokens, d)`` equal to it. After reading, every value
+    must be finite.
+
+    With ``lazy=True`` the checked ``h5py.Dataset`` itself is returned,
+    unread (valid while ``f`` is open): a reader that slices it a batch of
+    images at a time keeps memory bounded, and checks the values it reads.
     """
     path = path or f.filename
     tokens = _h5_object(f, "proxy/tokens", path)
@@ -458,14 +462,18 @@ def read_proxy_tokens(f, tokens_shape=None, path=None):
         return None
     expected = (None, *tuple(int(s) for s in tokens_shape)) if tokens_shape is not None else (None, None, None)
     try:
-        data = _read_checked(tokens, "proxy/tokens", expected, "pos_embed")
-        data = np.asarray(data, dtype=np.float32)
+        shape, dtype = _dataset_meta(tokens, "proxy/tokens")
+        check_declared("proxy/tokens", shape, dtype, expected, "pos_embed")
+        if shape[0] == 0:
+            raise MrcError("proxy/tokens holds no images")
+        _check_written(tokens, "proxy/tokens")
+        if lazy:
+            return tokens
+        data = np.asarray(tokens[()], dtype=np.float32)
     except MrcError as err:
         raise err.at(file=path) from None
     except Exception as exc:
         raise MrcError(f"cannot read proxy/tokens ({exc})", file=path) from None
-    if data.shape[0] == 0:
-        raise MrcError("proxy/tokens holds no images", file=path)
     if not np.isfinite(data).all():
         raise MrcError("proxy/tokens contains NaN or Inf", file=path)
     return data

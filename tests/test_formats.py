@@ -768,3 +768,22 @@ def test_outputs_compared_by_resolved_path(tmp_path, layout):
     with pytest.raises(MrcError, match="input"):
         formats.check_output(second, inputs=[first])
     formats.check_outputs([first, str(real / "other.json")])
+
+
+def test_proxy_tokens_lazy_is_checked_but_unread(tmp_path):
+    path = tmp_path / "acts.h5"
+    tokens = np.random.default_rng(0).standard_normal((5, 17, 64)).astype(np.float32)
+    tokens[4, 0, 0] = np.nan  # values are the reader's to check, batch by batch
+    formats.write_activations(path, {}, proxy_tokens=tokens)
+    with formats.open_activations(path) as f:
+        lazy = formats.read_proxy_tokens(f, (17, 64), lazy=True)
+        assert isinstance(lazy, h5py.Dataset) and lazy.shape == (5, 17, 64)
+        np.testing.assert_array_equal(lazy[1:3], tokens[1:3])
+        with pytest.raises(MrcError, match="proxy/tokens contains NaN or Inf"):
+            formats.read_proxy_tokens(f, (17, 64))
+    with h5py.File(path, "a") as f:
+        del f["proxy/tokens"]
+        f["proxy/tokens"] = np.zeros((0, 17, 64), np.float32)
+    with formats.open_activations(path) as f:
+        with pytest.raises(MrcError, match="proxy/tokens holds no images"):
+            formats.read_proxy_tokens(f, (17, 64), lazy=True)
