@@ -50,7 +50,10 @@ def model_logits(weights, images, *, num_heads=None, batch_size=64, limit=None, 
             if batch_labels is not None:
                 labels.append(batch_labels)
             bar.update(len(batch))
-    return np.concatenate(logits), (np.concatenate(labels) if labels else None)
+    logits = np.concatenate(logits)
+    if not np.isfinite(logits).all():  # e.g. a NaN in a tensor no other check reads
+        raise MrcError("the forward pass gives NaN or Inf logits", file=weights)
+    return logits, (np.concatenate(labels) if labels else None)
 
 
 def build_parser():
@@ -107,7 +110,7 @@ def main(argv=None):
         print(f"{p.prog}: error: {err}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(result, allow_nan=False))  # strict JSON: the logits are finite, so are the metrics
     else:
         for key, value in result.items():
             print(f"{key:>15}: {value:.4f}" if isinstance(value, float) else f"{key:>15}: {value}")

@@ -190,3 +190,19 @@ def test_save_logits_never_overwrites_an_input(small_folder, tmp_path, target):
     assert len(lines) == 1 and "would overwrite an input" in lines[0] and str(save) in lines[0]
     assert {p: open(p, "rb").read() for p in before} == before
     assert not [n for n in os.listdir(save.parent) if n.endswith(".tmp")]
+
+
+def test_non_finite_logits_are_a_one_line_error(small_folder, tmp_path):
+    """A NaN in a tensor that only the forward pass reads (the class token)
+    is blamed on the weights file; no NaN reaches the --json output."""
+    from mrc_ref import formats
+
+    tensors, meta = formats.read_safetensors(example_data.WEIGHTS)
+    tensors["cls_token"] = tensors["cls_token"].copy()
+    tensors["cls_token"][0, 0, 3] = np.nan
+    bad = tmp_path / "nan.safetensors"
+    formats.write_safetensors(bad, tensors, meta)
+    res = run("mrc_ref.evaluate", bad, small_folder, "--json", "--quiet")
+    assert res.returncode == 2 and res.stdout == ""
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(bad) in lines[0] and "NaN or Inf logits" in lines[0]
