@@ -330,7 +330,8 @@ def _h5_object(root, name, path):
 
 def _dataset_meta(ds, what):
     """Declared ``(shape, dtype)`` of an HDF5 dataset, read without its data;
-    ``dtype`` is ``None`` for an HDF5 type NumPy cannot represent."""
+    for an HDF5 type NumPy cannot represent, ``dtype`` is a description of
+    it, which :func:`mrc_ref.stats.check_declared` refuses."""
     if not isinstance(ds, h5py.Dataset):
         raise MrcError(f"{what} is not a dataset")
     try:
