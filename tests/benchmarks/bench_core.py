@@ -22,7 +22,21 @@ Figures
    at 1x and 10x the token count, each in a fresh subprocess. Target: relative
    difference <= 10 %. The subprocess's VmHWM (peak RSS) is reported alongside.
 
-Usage: ``python tests/benchmarks/bench_core.py [--quick] [--repeats N] [--only 1,2,3] [--blas-threads 1]``
+4. ``allocation_optimal_deit_b``: the exact Stage-2 optimum (``allocate.optimal``,
+   dynamic programming) for the 48 DeiT-B linears at reduction 0.6, q = 8,
+   on synthetic spectra (the DP's cost depends on the shapes and the budget
+   only), with the METHOD greedy's time and relative gap beside it. Target <= 5 s.
+5. ``stage3_exact_vs_adam_fc1``: the exact Stage-3 solve (``compensate.solve``,
+   ``solver="exact"``) against 500 Adam steps on a DeiT-B fc1 (3072 x 768),
+   rank r = 64, q = 8, sequential-style Grams. Value: Adam time / exact time,
+   with both damped losses.
+6. ``sequential_peak_memory``: tracemalloc peak of the sequential Stage 3
+   (``sequential.compensate_sequential`` with disk-backed scratch, proxy tokens
+   read from HDF5 batch by batch) on the embedded example's model, at 300 and
+   4,800 proxy images, each in a fresh subprocess. Target: relative
+   difference <= 10 %.
+
+Usage: ``python tests/benchmarks/bench_core.py [--quick] [--repeats N] [--only 1,2,3,4,5,6] [--blas-threads 1]``
 (on a shared/loaded machine, ``--blas-threads 1`` gives far steadier timings).
 """
 
@@ -38,7 +52,7 @@ import time
 
 import numpy as np
 
-from mrc_ref import allocate, stats, svd
+from mrc_ref import allocate, compensate, stats, svd
 
 #: DeiT-B: every stored tensor, as timm stores it.
 DEIT_B_TOTAL_PARAMS = 86_567_656
@@ -400,6 +414,125 @@ def bench_memory(args, tmpdir):
     )
 
 
+# --------------------------------------------------------------------------- figures 4 and 5
+def synthetic_curves(shapes, rng):
+    """NMSE curves of decaying spectra, one per layer (their values do not
+    change the DP's cost)."""
+    curves = []
+    for m, n in shapes:
+        k = min(m, n)
+        s2 = np.sort(np.exp(-np.arange(k) / (k * rng.uniform(0.05, 0.4))) * rng.uniform(0.5, 1.5, size=k))[::-1]
+        curves.append(svd.nmse_curve(s2, np))
+    return curves
+
+
+def bench_allocation(args):
+    shapes = deit_b_shapes()
+    curves = synthetic_curves(shapes, np.random.default_rng(2))
+    q, fixed = 8, DEIT_B_TOTAL_PARAMS - sum(m * n for m, n in shapes)
+    budget = allocate.parameter_budget(DEIT_B_TOTAL_PARAMS, 0.6)
+    times, greedy_times = [], []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        ranks, bound, exact = allocate.optimal(curves, shapes, q, fixed, budget)
+        times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        greedy = allocate.greedy(curves, shapes, q, fixed, budget)
+        greedy_times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    emit(name="allocation_optimal_deit_b", value=round(med, 3), unit="s (exact DP, 48 DeiT-B linears)",
+         target="<= 5", meets_target=bool(med <= 5), runs_s=[round(t, 3) for t in times], exact=exact,
+         objective=allocate.objective(curves, ranks), lower_bound=bound,
+         greedy_s=round(statistics.median(greedy_times), 4),
+         greedy_relative_gap=allocate.relative_gap(allocate.objective(curves, greedy), bound),
+         reduction=0.6, q=q, budget=budget, machine=machine())
+
+
+def bench_stage3(args):
+    rng = np.random.default_rng(3)
+    m, n, r, q = 3072, 768, 64, 8
+    X = rng.standard_normal((8192, n)) * (np.arange(1, n + 1) ** -0.5)  # decaying input scales
+    Xt = X + 0.05 * rng.standard_normal(X.shape)
+    C, K, Ct = X.T @ X, Xt.T @ X, Xt.T @ Xt
+    W = rng.standard_normal((m, n)) / np.sqrt(n)
+    A, B = svd.factors(W, svd.output_basis(W, C, np)[0], r)
+    res = {}
+    for solver in ("exact", "adam"):
+        runs = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            _, _, info = compensate.solve(W, A, B, q, C, K=K, Ct=Ct, solver=solver, damp=compensate.DEFAULT_DAMP,
+                                          steps=500, xp=np)
+            runs.append(time.perf_counter() - t0)
+        res[solver] = (statistics.median(runs), info)
+    emit(name="stage3_exact_vs_adam_fc1", value=round(res["adam"][0] / res["exact"][0], 2),
+         unit="Adam (500 steps) time / exact time, DeiT-B fc1 3072x768, r = 64, q = 8",
+         exact_s=round(res["exact"][0], 3), adam_s=round(res["adam"][0], 3),
+         exact_loss=res["exact"][1]["loss_stage3"], adam_loss=res["adam"][1]["loss_stage3"],
+         damping=compensate.DEFAULT_DAMP, machine=machine())
+
+
+# --------------------------------------------------------------------------- figure 6
+def seq_child(path, images):
+    """Run in a fresh interpreter: tracemalloc peak of the sequential Stage 3
+    on the example's model with ``images`` proxy images read from ``path``."""
+    import tracemalloc
+
+    import h5py
+
+    from data_tools import example_data
+    from mrc_ref import formats, pipeline, sequential, vit
+
+    tensors, meta = formats.read_safetensors(example_data.WEIGHTS)
+    config = pipeline.Config()
+    params = vit.prepare(tensors, np)
+    names = pipeline.select_layers(tensors, pipeline.DEFAULT_LAYERS)
+    factors = {}
+    for index, name in enumerate(names):
+        W = params[name + ".weight"]
+        U = np.linalg.qr(np.random.default_rng(index).standard_normal((W.shape[0], 8)))[0]
+        factors[name] = (index, W, U, U.T @ W)  # any rank-8 factors: memory, not quality, is measured
+    with h5py.File(path, "r") as f, formats.scratch_space() as scratch:
+        tokens = f["tokens"]
+        tracemalloc.start()
+        sequential.compensate_sequential(params, factors, tokens, config, num_heads=vit.resolve_num_heads(
+            tensors, None, meta), xp=np, scratch=scratch)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    print(json.dumps({"peak": peak, "images": images, "maxrss_kib": vm_hwm_kib()}))
+
+
+def bench_sequential_memory(args, tmpdir):
+    import h5py
+
+    from data_tools import example_data
+    from mrc_ref import formats
+
+    with formats.open_activations(example_data.ACTS) as f:
+        proxy = formats.read_proxy_tokens(f)
+    peaks, rss = [], []
+    counts = (300, 4800) if not args.quick else (300, 1200)
+    for count in counts:
+        path = os.path.join(tmpdir, f"tokens{count}.h5")
+        with h5py.File(path, "w") as f:  # the example's proxy tokens, repeated
+            f["tokens"] = np.resize(proxy, (count,) + proxy.shape[1:])
+        runs = []
+        for _ in range(max(1, args.repeats)):
+            out = subprocess.run([sys.executable, __file__, "--_seq-child", path, str(count)], check=True,
+                                 capture_output=True, text=True)
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        peaks.append(statistics.median(r["peak"] for r in runs))
+        rss.append(statistics.median(r["maxrss_kib"] or 0 for r in runs))
+    rel = (peaks[1] - peaks[0]) / peaks[0]
+    emit(name="sequential_peak_memory", value=[round(p / 2**20, 2) for p in peaks],
+         unit=f"MiB (tracemalloc peak of compensate_sequential at {counts[0]} and {counts[1]} proxy images)",
+         relative_difference=round(rel, 4), target="<= 0.10", meets_target=bool(abs(rel) <= 0.10),
+         peak_rss_mib=[round(r / 1024, 1) for r in rss], images=list(counts),
+         notes="batches of 64 images; token streams in disk-backed scratch arrays; proxy tokens sliced from HDF5; "
+               "peak_rss (VmHWM) is the whole process and includes the page cache of the memory-mapped streams",
+         machine=machine())
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -407,7 +540,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes, one repeat")
     p.add_argument("--repeats", type=int, default=None, help="runs per measurement (median reported)")
-    p.add_argument("--only", default="1,2,3", help="comma list of figures to run (1,2,3)")
+    p.add_argument("--only", default="1,2,3,4,5,6", help="comma list of figures to run (1,...,6)")
     p.add_argument("--rows", type=int, default=None, help="token rows for figure 1 (default 200000)")
     p.add_argument("--features", type=int, default=768)
     p.add_argument("--chunk", type=int, default=8192, help="rows per streamed chunk")
@@ -423,7 +556,10 @@ def main(argv=None):
                    help="limit BLAS threads (threadpoolctl); default: BLAS's own setting")
     p.add_argument("--tmpdir", default=None)
     p.add_argument("--_mem-child", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--_seq-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args._seq_child:
+        return seq_child(args._seq_child[0], int(args._seq_child[1]))
     if args._mem_child:
         path, chunk, variant = args._mem_child
         return mem_child(path, int(chunk), variant)
@@ -449,6 +585,12 @@ def main(argv=None):
             bench_stages_all(args)
         if "3" in only:
             bench_memory(args, tmpdir)
+        if "4" in only:
+            bench_allocation(args)
+        if "5" in only:
+            bench_stage3(args)
+        if "6" in only:
+            bench_sequential_memory(args, tmpdir)
 
 
 if __name__ == "__main__":
