@@ -839,5 +839,5 @@ def test_every_option_has_help_and_the_description_is_whole(module, monkeypatch)
         name = "/".join(action.option_strings) or action.dest
         assert action.help and action.help.strip(), f"{module}: {name} has no help"
         if action.default not in (None, False, argparse.SUPPRESS) and action.option_strings:
-            assert "%(default)s" in action.help or str(action.default) in action.help, \
+            assert "%(default)" in action.help or str(action.default) in action.help, \
                 f"{module}: {name} does not show its default {action.default!r}"
