@@ -7,6 +7,12 @@ the break-even rank ``r_max = ⌊m n / (m + n)⌋ − q``. A rank is an ``int``;
 
 The functions here are pure over host arrays: the per-layer NMSE curves
 ``nmse[l][r]`` (from :func:`mrc_ref.svd.nmse_curve`) and shapes.
+
+Weighted objective **[choice]**: with per-layer sensitivity weights
+``w_l ≥ 0`` the objective ``Σ_l w_l NMSE_l(r_l)`` is the unweighted one on
+the curves ``w_l NMSE_l`` (:func:`weighted`); every rule here then works on
+those curves unchanged (the greedy scores, the threshold, the DP, the LP
+bound and the gap). ``w_l = 1`` is the paper's objective.
 """
 
 import heapq
@@ -214,9 +220,42 @@ def local_search(nmse, shapes, q, fixed, budget, ranks):
             ranks[l], total = new, total + dp
 
 
+def weighted(nmse, weights):
+    """The curves of the weighted objective: ``w_l · NMSE_l(r)`` for every
+    layer ``l`` and rank ``r``.
+
+    ``Σ_l w_l NMSE_l(r_l)`` is ``Σ_l NMSE'_l(r_l)`` with ``NMSE'_l = w_l NMSE_l``,
+    so the exact optimum, the greedy scores ``ΔNMSE'/Δparams``, the LP bound
+    and the gap of the weighted problem are those of the unweighted machinery
+    applied to these curves. Each scaled curve is still non-increasing and
+    convex, so the hull greedy's guarantee holds too. ``threshold`` on these
+    curves gives each layer the smallest rank with ``w_l NMSE_l(r) ≤ 1 − τ``
+    (one cap on every layer's predicted end-to-end error). ``w_l = 0`` makes
+    the layer free to cut; the ties then go as in the unweighted rules.
+
+    Parameters
+    ----------
+    nmse : sequence of array (k_l + 1,)
+    weights : sequence of float, one per layer, each finite and ``≥ 0``
+
+    Returns
+    -------
+    list of ndarray (k_l + 1,) float64
+    """
+    if len(weights) != len(nmse):
+        raise MrcError(f"{len(weights)} weights for {len(nmse)} layers")
+    out = []
+    for curve, w in zip(nmse, weights):
+        w = float(w)
+        if not (math.isfinite(w) and w >= 0):
+            raise MrcError(f"sensitivity weight must be a finite number ≥ 0, got {w}")
+        out.append(w * np.asarray(curve, dtype=np.float64))
+    return out
+
+
 def objective(nmse, ranks):
     """The Stage-2 objective ``Σ_l NMSE_l(r_l)`` of an allocation (a dense
-    layer contributes 0)."""
+    layer contributes 0); ``Σ_l w_l NMSE_l(r_l)`` on :func:`weighted` curves."""
     return float(sum(0.0 if r is None else float(c[r]) for c, r in zip(nmse, ranks)))
 
 
@@ -235,7 +274,7 @@ def _layer_options(curve, m, n, q):
 MAX_DP_CELLS = 10**10
 
 
-def optimal(nmse, shapes, q, fixed, budget, max_cells=MAX_DP_CELLS):
+def optimal(nmse, shapes, q, fixed, budget, max_cells=None):
     """The exact optimum of the Stage-2 objective (a multiple-choice knapsack)
 
         minimise Σ_l NMSE_l(r_l)   subject to   Σ_l cost_l(r_l) ≤ budget − fixed,
@@ -260,7 +299,8 @@ def optimal(nmse, shapes, q, fixed, budget, max_cells=MAX_DP_CELLS):
     nmse : sequence of array (k_l + 1,)
     shapes : sequence of (m, n)
     q, fixed, budget : int
-    max_cells : int
+    max_cells : int, optional
+        Default :data:`MAX_DP_CELLS`.
 
     Returns
     -------
@@ -273,7 +313,7 @@ def optimal(nmse, shapes, q, fixed, budget, max_cells=MAX_DP_CELLS):
     options = [_layer_options(c, m, n, q) for c, (m, n) in zip(nmse, shapes)]
     unit = math.gcd(*(cost for opts in options for _, cost, _ in opts))
     capacity = (budget - fixed) // unit
-    if (capacity + 1) * sum(map(len, options)) > max_cells:
+    if (capacity + 1) * sum(map(len, options)) > (MAX_DP_CELLS if max_cells is None else max_cells):
         bound, lp_ranks = lp_bound(nmse, shapes, q, fixed, budget)
         candidates = [local_search(nmse, shapes, q, fixed, budget, r)
                       for r in (lp_ranks, greedy(nmse, shapes, q, fixed, budget, entry="hull"))]
@@ -375,7 +415,10 @@ def threshold(nmse, shapes, q, fixed, budget):
     """One global energy threshold ``τ``: each layer takes the smallest rank
     ``r ≥ 1`` with ``E_l(r) = 1 − NMSE_l(r) ≥ τ`` (dense at ``r ≥ r_max``); the
     largest ``τ`` that meets ``budget`` is found by bisection over the sorted
-    energies at which some layer's rank changes."""
+    energies at which some layer's rank changes. On weighted curves
+    (:func:`weighted`) ``E_l(r) = 1 − w_l NMSE_l(r)`` may be negative; the
+    search starts at ``τ = −∞`` (every layer at rank 1), feasible by
+    :func:`check_budget`."""
     check_budget(shapes, q, fixed, budget)
     ok = compressible(shapes, q)
     energies = [1 - np.asarray(c, dtype=np.float64) for c in nmse]
@@ -391,7 +434,7 @@ def threshold(nmse, shapes, q, fixed, budget):
             cand.append(min(r, len(energies[l]) - 1))
         return _ranks_at(cand, shapes, q)
 
-    values = [0.0] + sorted({float(e) for l, c in enumerate(energies) if ok[l] for e in c[1 : break_even_rank(*shapes[l], q) + 1]})
+    values = [-math.inf] + sorted({float(e) for l, c in enumerate(energies) if ok[l] for e in c[1 : break_even_rank(*shapes[l], q) + 1]})
     return _largest_feasible(values, ranks_of, shapes, q, fixed, budget)
 
 
