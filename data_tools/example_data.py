@@ -1,28 +1,16 @@
-"""The embedded example used by ``python -m mrc_ref.compress --example``:
-a small ViT trained on scikit-learn's digits (see ``example/README.md``)."""
+"""The embedded example's paths, kept under their old names.
 
-import os
+The files are package data of the core, in ``mrc_ref/example/`` (see
+:mod:`mrc_ref.example`): the core's commands need them, and ``data_tools``
+uses ``mrc_ref``, never the reverse.
+"""
 
-EXAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "example")
-WEIGHTS = os.path.join(EXAMPLE_DIR, "model.safetensors")
-ACTS = os.path.join(EXAMPLE_DIR, "acts.h5")
-CALIB_IMAGES = os.path.join(EXAMPLE_DIR, "images", "calib")
-TEST_IMAGES = os.path.join(EXAMPLE_DIR, "images", "test")
-
-
-def example_paths():
-    """Paths ``(weights, acts)`` of the embedded example."""
-    return WEIGHTS, ACTS
-
-
-def print_accuracy(compressed, quiet=True):
-    """Print the example's test accuracy before and after compression and the
-    agreement of the two models."""
-    from mrc_ref import metrics
-    from mrc_ref.evaluate import model_logits
-
-    before, labels = model_logits(WEIGHTS, TEST_IMAGES, quiet=quiet)
-    after, _ = model_logits(compressed, TEST_IMAGES, quiet=quiet)
-    print(f"test accuracy on {len(labels)} held-out digits: original {metrics.topk_accuracy(before, labels):.2%}, "
-          f"compressed {metrics.topk_accuracy(after, labels):.2%} "
-          f"(top-1 agreement {metrics.agreement(after, before):.2%}, mean KL {metrics.mean_kl(before, after):.4f})")
+from mrc_ref.example import (  # noqa: F401  (re-exported)
+    ACTS,
+    CALIB_IMAGES,
+    EXAMPLE_DIR,
+    TEST_IMAGES,
+    WEIGHTS,
+    example_paths,
+    print_accuracy,
+)

@@ -1,11 +1,11 @@
 """Train the small embedded example ViT on scikit-learn's handwritten digits.
 
-Run once, from the repository root, to (re)generate ``data_tools/example/``::
+Run once, from the repository root, to (re)generate ``mrc_ref/example/``::
 
     pip install scikit-learn "torch==2.13.0"
     python -m data_tools.train_example
 
-Writes ``data_tools/example/images/{calib,test}/<class>/NNNN.png`` (NNNN is
+Writes ``mrc_ref/example/images/{calib,test}/<class>/NNNN.png`` (NNNN is
 the index in ``sklearn.datasets.load_digits``), ``model.safetensors``
 (timm ``VisionTransformer`` state-dict layout, float32), ``test_logits.npy``
 (the torch model's test-set logits, in ``list_images`` order) and
@@ -27,11 +27,10 @@ import numpy as np
 if __package__ in (None, ""):  # run as a file: make ``data_tools`` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data_tools.images import IMAGENET_MEAN, IMAGENET_STD, eval_transform, iter_batches, list_images  # noqa: E402
+from mrc_ref.example import EXAMPLE_DIR  # noqa: E402
 from mrc_ref.formats import write_safetensors  # noqa: E402
+from mrc_ref.images import IMAGENET_MEAN, IMAGENET_STD, eval_transform, iter_batches, list_images  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-EXAMPLE_DIR = os.path.join(HERE, "example")
 SEED = 0
 N_TEST = 497
 N_CALIB = 300
@@ -218,7 +217,7 @@ def train(model, x_train, y_train, epochs=EPOCHS, log=print):
 
 
 def torch_logits(model, folder):
-    """Logits and labels of ``folder`` read through ``data_tools.images`` (list_images order)."""
+    """Logits and labels of ``folder`` read through ``mrc_ref.images`` (list_images order)."""
     import torch
 
     model.eval()
@@ -278,7 +277,7 @@ embed dim 64, depth 4, 4 heads, MLP ratio 4, qkv bias, LayerNorm eps 1e-6,
 exact GELU, learned `pos_embed` (1, 17, 64), final norm, head 10 classes.
 {n_params} parameters.
 
-Inputs are the DeiT evaluation transform of `data_tools.images`
+Inputs are the DeiT evaluation transform of `mrc_ref.images`
 (`eval_transform(img, size=16, crop_pct=0.875)`: RGB, bicubic resize of the
 shorter side to 18, centre crop 16, ImageNet mean/std), both in training and
 in evaluation. Training: AdamW (lr {lr}, weight decay {wd}, 5 warm-up epochs then
@@ -290,7 +289,7 @@ algorithms, 2 threads, torch {torch_version}.
 Calibration-set accuracy: {calib_acc:.2f} %.
 
 `test_logits.npy` (float32, ({n_test}, 10)) holds the torch model's logits on
-the test images in the order `data_tools.images.list_images("images/test")`
+the test images in the order `mrc_ref.images.list_images("images/test")`
 returns, as a reference for an independent forward pass.
 """
 

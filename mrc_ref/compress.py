@@ -130,7 +130,7 @@ def main(argv=None):
         if args.example:
             if args.weights or args.acts:
                 raise MrcError("--example takes no input files")
-            from data_tools.example_data import example_paths
+            from .example import example_paths
 
             args.weights, args.acts = example_paths()
             args.output = args.output or "example.compressed.safetensors"
@@ -142,7 +142,7 @@ def main(argv=None):
         print(summary(report))
         print(f"wrote {output}" + (f" and {args.report}" if args.report else ""))
         if args.example:
-            from data_tools.example_data import print_accuracy
+            from .example import print_accuracy
 
             print_accuracy(output, quiet=args.quiet)
     except MrcError as err:

@@ -27,7 +27,7 @@ def model_logits(weights, images, *, num_heads=None, batch_size=64, limit=None, 
     """
     from tqdm import tqdm
 
-    from data_tools.images import iter_batches, list_images, model_input_size
+    from .images import iter_batches, list_images, model_input_size
 
     xp = get_xp(device)
     tensors, metadata = formats.read_safetensors(weights)
@@ -88,7 +88,7 @@ def main(argv=None):
         if args.num_heads is not None and args.num_heads < 1:
             raise MrcError(f"--num-heads must be positive, got {args.num_heads}")
         if args.save_logits:  # refuse before any work: not an input, not an image of IMAGES
-            from data_tools.images import list_images
+            from .images import list_images
 
             formats.check_output(args.save_logits, (args.weights, args.reference, *list_images(args.images)[0]))
         kw = dict(num_heads=args.num_heads, batch_size=args.batch_size, limit=args.limit, crop_pct=args.crop_pct,

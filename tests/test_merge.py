@@ -252,7 +252,7 @@ def _case(name, s, tmp):
         bad = _edited(p2[1], tmp / "v2.h5", lambda f: f.attrs.__setitem__("version", 2))
         return [p2[0], bad], bad, "unsupported version"
     if name == "no shard information":
-        old = os.path.join(REPO, "data_tools", "example", "acts.h5")  # written before shards existed
+        old = os.path.join(REPO, "mrc_ref", "example", "acts.h5")  # written before shards existed
         return [old], old, "no shard information"
     if name == "image count not the shard's":
         bad = _edited(p2[1], tmp / "count.h5", lambda f: f.attrs.__setitem__("num_images", 3))
