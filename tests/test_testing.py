@@ -54,6 +54,24 @@ def test_as_host_accepts_lists_and_device_arrays():
     np.testing.assert_array_equal(testing.as_host(fake_cupy), np.arange(3.0))
 
 
+@pytest.mark.gpu
+def test_cupy_arrays_are_certified_on_the_host():
+    from mrc_ref import backend
+
+    try:
+        cp = backend.get_xp("cuda")
+    except MrcError as err:
+        pytest.skip(f"needs CuPy and a usable GPU ({err})")
+    W, X = layer(12, 9, 70, seed=11)
+    C = X.T @ X
+    U, _ = svd.output_basis(cp.asarray(W), cp.asarray(C), cp)
+    A, B = svd.factors(cp.asarray(W), U, 4)
+    host = testing.certify_stage1(W, C, cp.asnumpy(A), cp.asnumpy(B))
+    device = testing.certify_stage1(cp.asarray(W), cp.asarray(C), A, B)
+    assert device["nmse"] == pytest.approx(host["nmse"], rel=1e-12) and device["excess"] == pytest.approx(1, abs=1e-9)
+    testing.assert_factorization_close(A, B, cp.asnumpy(A), cp.asnumpy(B), gram=cp.asarray(C))
+
+
 @pytest.mark.slow  # importing torch takes seconds
 def test_as_host_accepts_torch_tensors_that_need_gradients():
     torch = pytest.importorskip("torch")
