@@ -241,6 +241,9 @@ class StrictArray:
     def __abs__(self):
         return StrictArray(abs(self._data))
 
+    def trace(self):
+        return _wrap(self._data.trace())
+
 
 # -------------------------------------------------------------------- the module
 def _arrays(*values):
@@ -366,6 +369,24 @@ def _eigvalsh(a, UPLO="L"):
     return StrictArray(np.linalg.eigvalsh(_strict_only(a), UPLO=UPLO))
 
 
+def _solve(a, b):
+    return StrictArray(np.linalg.solve(_strict_only(a), _strict_only(b)))
+
+
+def argmax(a, axis=None):
+    return _wrap(np.argmax(_strict_only(a), axis=axis))
+
+
+def take_along_axis(arr, indices, axis):
+    return StrictArray(np.take_along_axis(_strict_only(arr), _strict_only(indices), axis))
+
+
+def where(condition, x, y):
+    """``cupy.where``: the condition must be a device array; x and y device
+    arrays or scalars."""
+    return _wrap(np.where(_strict_only(condition), *_arrays(x, y)))
+
+
 def _svd(a, full_matrices=True, compute_uv=True):
     out = np.linalg.svd(_strict_only(a), full_matrices=full_matrices, compute_uv=compute_uv)
     return tuple(StrictArray(o) for o in out) if compute_uv else StrictArray(out)
@@ -373,11 +394,12 @@ def _svd(a, full_matrices=True, compute_uv=True):
 
 xp = types.ModuleType("strict_xp", "A strict CPU double of CuPy (see tests/strict_xp.py).")
 for _fn in (asarray, empty, zeros, zeros_like, eye, outer, concatenate, cumsum, clip, sqrt, exp, isfinite, erf,
-            diagonal, reshape, transpose, swapaxes, broadcast_to, mean):
+            diagonal, reshape, transpose, swapaxes, broadcast_to, mean, argmax, take_along_axis, where):
     setattr(xp, _fn.__name__, _fn)
 # defined as _abs etc. so that the builtins stay usable in this file
 xp.abs, xp.sum, xp.max, xp.all = _abs, _sum, _max, _all
-xp.linalg = types.SimpleNamespace(eigh=_eigh, eigvalsh=_eigvalsh, svd=_svd)
+xp.linalg = types.SimpleNamespace(eigh=_eigh, eigvalsh=_eigvalsh, svd=_svd, solve=_solve)
+xp.finfo = np.finfo  # CuPy re-exports NumPy's
 xp.float32, xp.float64 = np.float32, np.float64  # CuPy's dtypes are NumPy's
 xp.ndarray = StrictArray
 del _fn

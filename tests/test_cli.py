@@ -140,13 +140,20 @@ def test_deterministic(default_run, run_cli, tmp_path):
         assert a.read() == b.read()
 
 
-def test_seed_changes_residual(default_run, run_cli, tmp_path):
-    out = str(tmp_path / "out.safetensors")
-    run_ok(run_cli, default_run["weights"], default_run["acts"], out, "--seed", "1")
-    a, b = load_file(out), load_file(default_run["out"])
+def test_seed_changes_only_the_adam_residual(default_run, run_cli, tmp_path):
+    """The seed draws Adam's initial Q; the exact solver has no randomness."""
+    outs = {}
+    for solver in ("exact", "adam"):
+        for seed in ("0", "1"):
+            outs[solver, seed] = str(tmp_path / f"{solver}{seed}.safetensors")
+            run_ok(run_cli, default_run["weights"], default_run["acts"], outs[solver, seed], "--solver", solver,
+                   "--seed", seed, "--steps", "20")
     name = SELECTED[0]
-    np.testing.assert_array_equal(a[name + ".lowrank_a"], b[name + ".lowrank_a"])
-    assert not np.array_equal(a[name + ".residual_q"], b[name + ".residual_q"])
+    (a, b), (c, d) = ([load_file(outs[s, seed]) for seed in ("0", "1")] for s in ("exact", "adam"))
+    np.testing.assert_array_equal(a[name + ".lowrank_a"], c[name + ".lowrank_a"])
+    np.testing.assert_array_equal(c[name + ".lowrank_a"], d[name + ".lowrank_a"])
+    np.testing.assert_array_equal(a[name + ".residual_q"], b[name + ".residual_q"])
+    assert not np.array_equal(c[name + ".residual_q"], d[name + ".residual_q"])
 
 
 def test_default_output_name(model_copy, run_cli, tmp_path):
