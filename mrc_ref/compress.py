@@ -6,10 +6,11 @@ compensation (Stage 3). See docs/cli.md.
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 
-from . import allocate, formats, pipeline, stats
+from . import allocate, compensate, formats, pipeline, stats
 from .backend import DEVICES, DTYPES, get_xp
 from .errors import MrcError
 
@@ -36,11 +37,18 @@ def build_parser():
     p.add_argument("--rank-step", type=int, default=d.rank_step, help="ranks removed per greedy step (default: %(default)s)")
     p.add_argument("--local-search", action="store_true",
                    help="after the allocation, move single ranks between layers while the total NMSE falls")
+    p.add_argument("--sensitivity", metavar="FILE",
+                   help="per-layer sensitivity weights (JSON, format mrc_ref.sensitivity): Stage 2 minimises "
+                        "Σ w_l NMSE_l instead of Σ NMSE_l; layers the file lacks get the mean weight")
     p.add_argument("--residual-rank", type=int, default=d.residual_rank,
                    help="rank q of the residual P Q, counted in the budget (default: %(default)s)")
     p.add_argument("--compensation", default=d.compensation, choices=["auto", *pipeline.COMPENSATIONS],
                    help="Stage 3 mode; auto = sequential when acts.h5 has proxy tokens, else local "
                         "(default: %(default)s)")
+    p.add_argument("--solver", default=d.solver, choices=list(compensate.SOLVERS),
+                   help="Stage 3 solver: exact (closed form) or adam (the paper's procedure) (default: %(default)s)")
+    p.add_argument("--damping", type=float, default=d.damping,
+                   help="damp of the Stage 3 loss, δ = damp · tr(C̃)/n, ≥ 0 (default: %(default)s)")
     p.add_argument("--steps", type=int, default=d.steps, help="Adam steps per layer (default: %(default)s)")
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the residual's initial Q (default: %(default)s)")
@@ -57,7 +65,8 @@ def config_from_args(args):
                            reduction=args.reduction, rank=args.rank, rank_step=args.rank_step,
                            local_search=args.local_search,
                            residual_rank=args.residual_rank, compensation=args.compensation,
-                           steps=args.steps, lr=args.lr, seed=args.seed, dtype=args.dtype, device=args.device)
+                           solver=args.solver, damping=args.damping, steps=args.steps, lr=args.lr,
+                           seed=args.seed, dtype=args.dtype, device=args.device)
 
 
 def progress_bar(quiet):
@@ -70,18 +79,25 @@ def progress_bar(quiet):
 
 def summary(report):
     """The readable summary table of a report."""
-    rows = [("layer", "shape", "rank", "q", "params", "NMSE stage 1", "NMSE stage 3")]
+    rows = [("layer", "shape", "rank", "q", "params", "NMSE stage 1", "NMSE stage 3", "damped loss", "|PQ|/|W|")]
     for e in report["layers"]:
         rows.append((e["name"], "{}x{}".format(*e["shape"]), "dense" if e["rank"] is None else str(e["rank"]),
                      str(e["residual_rank"]), f"{e['params_before']} -> {e['params_after']}",
-                     f"{e['nmse_stage1']:.3e}", f"{e['nmse_stage3']:.3e}"))
+                     f"{e['nmse_stage1']:.3e}", f"{e['nmse_stage3']:.3e}", f"{e['loss_stage3']:.3e}",
+                     f"{e['residual_norm']:.3f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     t, c = report["totals"], report["config"]
     lines.insert(1, "-" * len(lines[0]))
     lines.append("-" * len(lines[0]))
-    lines.append(f"statistic {c['statistic']}, allocation {c['allocation']}, compensation {c['compensation']}, "
-                 f"residual rank {c['residual_rank']}")
+    lines.append(f"statistic {c['statistic']}, allocation {c['allocation']}, compensation {c['compensation']} "
+                 f"({c['solver']}, damping {c['damping']:g}), residual rank {c['residual_rank']}")
+    a = report["allocation"]
+    if a["lower_bound"] is not None:
+        gap = "n/a" if a["relative_gap"] is None else f"{a['relative_gap']:.2%}"
+        label = "Σ NMSE" if a.get("weights", "uniform") == "uniform" else "Σ w·NMSE"
+        lines.append(f"stage 2 objective {label} {a['objective']:.6g}; lower bound {a['lower_bound']:.6g} "
+                     f"({a['bound']}); relative gap {gap}")
     lines.append(f"parameters {t['params_before']} -> {t['params_after']} "
                  f"(reduction {t['reduction_achieved']:.2%}"
                  + (f", target {t['reduction_target']:.2%})" if t["reduction_target"] is not None else ")")
@@ -89,17 +105,23 @@ def summary(report):
     return "\n".join(lines)
 
 
-def compress_files(weights, acts, output, config, *, report_path=None, quiet=True):
+def compress_files(weights, acts, output, config, *, report_path=None, quiet=True, sensitivity=None):
     """Read the inputs, run the pipeline, write the outputs atomically.
 
-    Returns the report (dict).
+    ``sensitivity``: an optional sensitivity file whose weights replace
+    ``config.sensitivity``. Returns the report (dict).
     """
-    inputs = (weights, acts)
+    inputs = (weights, acts, sensitivity)
     formats.check_outputs((output, report_path), inputs)  # refuse before any work is done
     pipeline.check_config(config)
     xp = get_xp(config.device)
+    metric = None
+    if sensitivity is not None:
+        document = formats.read_sensitivity(sensitivity)
+        metric = document["metric"]
+        config = dataclasses.replace(config, sensitivity={k: v["weight"] for k, v in document["layers"].items()})
     tensors, metadata = formats.read_safetensors(weights)
-    with formats.open_activations(acts) as f:
+    with formats.open_activations(acts) as f, formats.scratch_space() as scratch:
         pos = tensors.get("pos_embed")
         proxy = (formats.read_proxy_tokens(f, pos.shape[1:] if getattr(pos, "ndim", 0) == 3 else None, acts,
                                            lazy=True)  # checked, read a batch at a time by the sequential pass
@@ -108,14 +130,17 @@ def compress_files(weights, acts, output, config, *, report_path=None, quiet=Tru
         if proxy is not None:
             from .sequential import make_sequential  # needs the ViT forward pass
 
-            sequential = make_sequential(tensors, metadata, proxy, progress=progress_bar(quiet), source=acts)
+            sequential = make_sequential(tensors, metadata, proxy, progress=progress_bar(quiet), source=acts,
+                                         scratch=scratch)
         def load_stats(name):  # shapes checked against the weight before any data is read
             return formats.read_layer_stats(f, name, acts, n=int(tensors[name + ".weight"].shape[1]))
 
         out, report = pipeline.run(tensors, load_stats, config,
                                    xp=xp, progress=progress_bar(quiet), sequential=sequential,
-                                   files=(weights, acts))
+                                   files=(weights, acts, sensitivity))
     report["inputs"] = {"weights": os.path.basename(weights), "acts": os.path.basename(acts)}
+    if sensitivity is not None:
+        report["inputs"].update(sensitivity=os.path.basename(sensitivity), sensitivity_metric=metric)
     formats.json_text(report, report_path)  # a report JSON cannot hold is refused before anything is written
     formats.write_safetensors(output, out, formats.compressed_metadata(report, metadata), inputs=inputs)
     if report_path:
@@ -138,7 +163,7 @@ def main(argv=None):
             parser.error("the weights and acts files are required (or --example)")
         output = args.output or os.path.splitext(args.weights)[0] + ".compressed.safetensors"
         report = compress_files(args.weights, args.acts, output, config_from_args(args),
-                                report_path=args.report, quiet=args.quiet)
+                                report_path=args.report, quiet=args.quiet, sensitivity=args.sensitivity)
         print(summary(report))
         print(f"wrote {output}" + (f" and {args.report}" if args.report else ""))
         if args.example:

@@ -571,3 +571,111 @@ def write_json(path, obj, inputs=()):
         with open(tmp, "w") as fh:
             fh.write(text)
 
+
+# ----------------------------------------------------------------- sensitivity weights
+SENSITIVITY_FORMAT = "mrc_ref.sensitivity"
+SENSITIVITY_VERSION = 1
+
+
+def _unique_keys(pairs):
+    """``object_pairs_hook`` refusing an object that repeats a key (which
+    ``json`` would otherwise resolve silently to the last value)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"an object has the key {key!r} twice")
+        out[key] = value
+    return out
+
+
+def _check_sensitivity(doc, path):
+    """Check a parsed sensitivity document (docs/formats.md); return
+    ``{"metric": str, "layers": {name: {"weight": float, "points": [(nmse, error), …]}}}``."""
+    from .sensitivity import check_weight
+
+    if not isinstance(doc, dict):
+        raise MrcError(f"is not a JSON object (got {_describe(doc)})", file=path)
+    fmt, version, metric, layers = (doc.get(k) for k in ("format", "version", "metric", "layers"))
+    if fmt != SENSITIVITY_FORMAT:
+        raise MrcError(f"format is {_describe(fmt)}, expected {SENSITIVITY_FORMAT!r}", file=path)
+    if isinstance(version, bool) or not isinstance(version, int) or version != SENSITIVITY_VERSION:
+        raise MrcError(f"unsupported version {_describe(version)}, expected {SENSITIVITY_VERSION}", file=path)
+    if not isinstance(metric, str):
+        raise MrcError(f"metric must be a string naming the end-to-end error, got {_describe(metric)}", file=path)
+    if not isinstance(layers, dict) or not layers:
+        raise MrcError(f"layers must be a non-empty object {{name: {{weight, points}}}}, got {_describe(layers)}",
+                       file=path)
+    out = {}
+    for name, entry in layers.items():
+        if not name:
+            raise MrcError("a layer name is empty", file=path)
+        if not isinstance(entry, dict):
+            raise MrcError(f"entry is not an object (got {_describe(entry)})", file=path, layer=name)
+        if "weight" not in entry:
+            raise MrcError("has no weight", file=path, layer=name)
+        problem = check_weight(entry["weight"])
+        if problem:
+            raise MrcError(problem, file=path, layer=name)
+        points = entry.get("points", [])
+        if not isinstance(points, list):
+            raise MrcError(f"points must be a list of [nmse, error] pairs, got {_describe(points)}",
+                           file=path, layer=name)
+        for i, point in enumerate(points):
+            if (not isinstance(point, list) or len(point) != 2
+                    or any(check_weight(v) for v in point)):  # each a finite number ≥ 0
+                raise MrcError(f"point {i} must be a pair [nmse, error] of finite numbers ≥ 0, "
+                               f"got {_describe(point)}", file=path, layer=name)
+        out[name] = {"weight": float(entry["weight"]), "points": [(float(x), float(y)) for x, y in points]}
+    return {"metric": metric, "layers": out}
+
+
+def read_sensitivity(path):
+    """Read and check a sensitivity file (``mrc_ref.sensitivity``, version 1;
+    docs/formats.md). Unknown keys are ignored.
+
+    Returns
+    -------
+    dict
+        ``metric`` (str) and ``layers``: ``{name: {"weight": float, "points":
+        [(nmse, error), …]}}`` (points ``[]`` when the file gives none).
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as fh:
+            blob = fh.read(MAX_HEADER_BYTES + 1)
+    except OSError as exc:
+        raise MrcError(f"cannot read: {exc.strerror or exc}", file=path) from None
+    if len(blob) > MAX_HEADER_BYTES:
+        raise MrcError(f"larger than {MAX_HEADER_BYTES} bytes: not a sensitivity file", file=path)
+    try:
+        doc = json.loads(blob.decode("utf-8"), object_pairs_hook=_unique_keys)  # NaN/Infinity: refused below
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise MrcError(f"not a valid JSON file ({exc})", file=path) from None
+    return _check_sensitivity(doc, path)
+
+
+def write_sensitivity(path, metric, layers, attrs=None, inputs=()):
+    """Write a sensitivity file atomically, checked as :func:`read_sensitivity`
+    checks it. ``layers``: ``{name: {"weight": w, "points": [[nmse, error], …], …}}``
+    (extra per-layer keys are kept); ``attrs``: extra root keys (provenance)."""
+    doc = {"format": SENSITIVITY_FORMAT, "version": SENSITIVITY_VERSION, "metric": metric, **(attrs or {}),
+           "layers": layers}
+    _check_sensitivity(doc, path)
+    write_json(path, doc, inputs)
+
+
+# ----------------------------------------------------------------- scratch space
+@contextmanager
+def scratch_space(directory=None):
+    """Yield ``scratch(shape, dtype) -> array``: zero-filled arrays backed by
+    temporary ``.npy`` files (``numpy.lib.format.open_memmap``), all removed
+    when the block exits. Memory stays that of the pages in use, whatever the
+    size (the sequential Stage 3 keeps its two token streams here)."""
+    with tempfile.TemporaryDirectory(prefix="mrc_ref-", dir=directory) as root:
+        count = iter(range(1 << 62))
+
+        def scratch(shape, dtype):
+            path = os.path.join(root, f"{next(count)}.npy")
+            return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
+
+        yield scratch

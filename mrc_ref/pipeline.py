@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 
-from . import allocate, compensate, stats, svd, vit
+from . import allocate, compensate, sensitivity, stats, svd, vit
 from .backend import get_dtype, to_host
 from .errors import MrcError
 
@@ -30,6 +30,10 @@ class Config:
     (budget ``P* = ⌊(1 − reduction) P_total⌋``); ``rank``, when set, fixes every
     selected layer's rank and skips the budget. ``compensation`` ``"auto"``
     resolves to ``sequential`` when proxy tokens exist, else ``local``.
+    ``sensitivity``, when set, maps layer names to the weights ``w_l ≥ 0`` of
+    the Stage-2 objective ``Σ_l w_l NMSE_l(r_l)`` (:mod:`mrc_ref.sensitivity`;
+    selected layers it does not name get the mean weight); ``None`` is
+    ``w_l = 1``, the paper's objective.
     """
 
     layers: tuple = DEFAULT_LAYERS
@@ -39,6 +43,7 @@ class Config:
     rank: int | None = None
     rank_step: int = 1
     local_search: bool = False
+    sensitivity: dict | None = None
     residual_rank: int = 8
     compensation: str = "auto"
     solver: str = "exact"
@@ -94,6 +99,8 @@ def check_config(config):
     if not 0 < config.lr <= MAX_LR:
         raise MrcError(f"--lr must be positive and at most {MAX_LR:g}, got {config.lr}")
     get_dtype(config.dtype)
+    if config.sensitivity is not None:
+        sensitivity.check_weights(config.sensitivity)
     if not config.layers:
         raise MrcError("--layers selects no pattern")
 
@@ -157,8 +164,9 @@ def run(tensors, load_stats, config, *, xp, progress=None, sequential=None, file
         ``sequential(factors, config, xp) -> dict name -> (P, Q, info)``
         running the sequential Stage 3, with ``factors[name] = (index, W, A, B)``;
         required when the compensation is ``sequential``.
-    files : (str, str), optional
-        Names of the weights and statistics sources, used in error messages only.
+    files : (str, str) or (str, str, str), optional
+        Names of the weights, statistics and (optional) sensitivity sources,
+        used in error messages only.
 
     Returns
     -------
@@ -190,6 +198,14 @@ def _run(tensors, load_stats, config, xp, progress, sequential, files):
     shapes = [tuple(int(s) for s in tensors[n + ".weight"].shape) for n in names]
     p_total = count_params(tensors)
     fixed = p_total - sum(m * n for m, n in shapes)
+    if config.sensitivity is None:  # the paper's objective
+        weights, default, defaulted = [1.0] * len(names), None, []
+    else:
+        try:
+            weights, default, defaulted = sensitivity.layer_weights(names, config.sensitivity,
+                                                                    select_layers(tensors, ("*",)))
+        except MrcError as err:
+            raise err.at(file=files[2] if len(files) > 2 else None) from None
 
     # Stage 1: spectrum of every layer (basis kept up to the break-even rank).
     bases, curves = {}, []
@@ -208,28 +224,30 @@ def _run(tensors, load_stats, config, xp, progress, sequential, files):
         bases[name] = U[:, :keep]
         curves.append(to_host(svd.nmse_curve(s2, xp)))
 
-    # Stage 2: ranks, and the exact optimum (or a proven bound) to measure them against.
+    # Stage 2: ranks, and the exact optimum (or a proven bound) to measure them against,
+    # all on the curves w_l NMSE_l of the (weighted) objective.
+    scaled = allocate.weighted(curves, weights)
     if config.rank is not None:
         ranks = allocate.fixed_rank(shapes, q, config.rank)
         budget = bound = None
         exact = False
     else:
         budget = allocate.parameter_budget(p_total, config.reduction)
-        best, bound, exact = allocate.optimal(curves, shapes, q, fixed, budget)
+        best, bound, exact = allocate.optimal(scaled, shapes, q, fixed, budget)
         if config.allocation == "optimal":
             ranks = best
         else:
-            ranks = allocate.allocate(config.allocation, curves, shapes, q, fixed, budget, config.rank_step)
+            ranks = allocate.allocate(config.allocation, scaled, shapes, q, fixed, budget, config.rank_step)
         if config.local_search:
-            ranks = allocate.local_search(curves, shapes, q, fixed, budget, ranks)
-    value = allocate.objective(curves, ranks)
+            ranks = allocate.local_search(scaled, shapes, q, fixed, budget, ranks)
+    value = allocate.objective(scaled, ranks)
 
     # Factors, then Stage 3.
     out = dict(tensors)
     layers, factors = [], {}
     for index, (name, (m, n), rank) in enumerate(zip(names, shapes, ranks)):
         entry = {"name": name, "shape": [m, n], "statistic": config.statistic,
-                 "rank": rank, "residual_rank": 0, "params_before": m * n,
+                 "rank": rank, "residual_rank": 0, "weight": weights[index], "params_before": m * n,
                  "params_after": allocate.layer_params(m, n, rank, q),
                  "nmse_stage1": 0.0, "loss_stage1": 0.0, "nmse_stage3": 0.0, "loss_stage3": 0.0,
                  "residual_norm": 0.0}
@@ -278,6 +296,10 @@ def _run(tensors, load_stats, config, xp, progress, sequential, files):
         "allocation": {
             "rule": "fixed rank" if config.rank is not None else config.allocation,
             "objective": value,
+            "nmse_sum": allocate.objective(curves, ranks),
+            "weights": "uniform" if config.sensitivity is None else "sensitivity",
+            "default_weight": default,
+            "defaulted_layers": defaulted,
             "lower_bound": bound,
             "bound": None if bound is None else ("exact optimum" if exact else "LP relaxation"),
             "relative_gap": None if bound is None else allocate.relative_gap(value, bound),
