@@ -1,4 +1,4 @@
-"""Stage 2: mixed-rank allocation under a parameter budget (METHOD.md, Stage 2).
+"""Stage 2: mixed-rank allocation under a parameter budget (docs/math.md, Stage 2).
 
 A layer ``(m, n)`` stores ``m n`` parameters dense, or ``(r + q)(m + n)``
 factored at rank ``r`` with residual rank ``q``. It stays dense at or above
@@ -35,9 +35,9 @@ def parameter_budget(p_total, reduction):
 
 
 def break_even_rank(m, n, q):
-    """``r_max = ⌊m n / (m + n)⌋ − q`` (METHOD.md): a layer at rank ``≥ r_max``
+    """``r_max = ⌊m n / (m + n)⌋ − q``: a layer at rank ``≥ r_max``
     stays dense. (Where ``m n / (m + n)`` is not whole, rank ``r_max`` itself
-    would still save a few parameters; METHOD.md's rule keeps it dense.)"""
+    would still save a few parameters; the rule keeps it dense.)"""
     return (m * n) // (m + n) - q
 
 
@@ -89,7 +89,7 @@ def greedy(nmse, shapes, q, fixed, budget, step=1, entry="break-even"):
 
     where the first step of a dense layer goes to ``r_max − step`` and saves
     ``m n − (r_max − step + q)(m + n)`` at once (``entry="break-even"``, as in
-    METHOD.md). Stop as soon as the total is at or under ``budget``. Ties break
+    docs/math.md). Stop as soon as the total is at or under ``budget``. Ties break
     by layer order (deterministic).
 
     With ``entry="hull"`` **[choice]** the first step of a dense layer goes to
@@ -180,7 +180,7 @@ def _moves(nmse, shapes, q, l, r):
 
 def local_search(nmse, shapes, q, fixed, budget, ranks):
     """Improve an allocation by single-rank moves while ``Σ_l NMSE_l`` falls
-    (METHOD.md's optional pass).
+    (the optional pass of docs/math.md).
 
     Repeats until no move helps: (1) spend the slack ``budget − total`` on the
     rank increase with the largest error decrease per parameter that fits;

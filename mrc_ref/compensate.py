@@ -1,4 +1,4 @@
-"""Stage 3: layer-wise error compensation (METHOD.md, Stage 3).
+"""Stage 3: layer-wise error compensation (docs/math.md, Stage 3).
 
 With ``A, B`` frozen, the residual ``M = P Q`` (``P`` m×q, ``Q`` q×n)
 minimises the damped normalized output loss

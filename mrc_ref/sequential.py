@@ -1,4 +1,4 @@
-"""Sequential Stage 3 (METHOD.md, Stage 3, ``sequential``): compensate each
+"""Sequential Stage 3 (docs/math.md, Stage 3, ``sequential``): compensate each
 layer, in forward order, for the error of the layers before it.
 
 For layer ``l``, ``X`` are its inputs in the original model and ``X̃`` its

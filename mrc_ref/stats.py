@@ -1,5 +1,5 @@
 """Statistics of a layer's inputs: streamed accumulation, validation, and
-the metric ``C`` of each named statistic (METHOD.md, Stage 1).
+the metric ``C`` of each named statistic (docs/math.md, Stage 1).
 
 All functions are pure over arrays of the module ``xp``.
 """
@@ -176,7 +176,7 @@ def validate(stats, n, xp, dtype=None):
 
 
 def metric_gram(stats, n, xp):
-    """``gram``: the token Gram ``C = Σ_t x_t x_tᵀ`` (METHOD.md default)."""
+    """``gram``: the token Gram ``C = Σ_t x_t x_tᵀ`` (the default **[choice]**)."""
     return stats["gram"]
 
 

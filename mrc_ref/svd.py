@@ -1,4 +1,4 @@
-"""Stage 1: activation-aware SVD (METHOD.md, Stage 1).
+"""Stage 1: activation-aware SVD (docs/math.md, Stage 1).
 
 The rank-``r`` minimiser of the normalized output error
 

@@ -9,7 +9,7 @@ from mrc_ref import allocate as al
 from mrc_ref.errors import MrcError
 
 #: Regression bound on the relative gap (greedy − optimum) / optimum of the
-#: METHOD.md greedy (break-even entry) on the seeded ViT-like suite below. It
+#: paper's greedy (break-even entry) on the seeded ViT-like suite below. It
 #: is NOT a guarantee: the break-even first step makes each layer's
 #: (parameters, error) curve non-convex, and the myopic greedy then leaves
 #: layers dense too long. Measured worst: 0.99 (see the closing note).

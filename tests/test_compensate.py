@@ -158,7 +158,7 @@ def test_exact_is_a_minimum_under_perturbations(damp):
 
 @pytest.mark.parametrize("m,n,r,q", [(12, 8, 2, 2), (8, 12, 3, 1), (16, 16, 1, 3)])
 def test_exact_local_undamped_is_stage_one_at_rank_r_plus_q(m, n, r, q):
-    """METHOD.md: in local mode with δ = 0, A B + P Q = U_{r+q} U_{r+q}ᵀ W
+    """docs/math.md: in local mode with δ = 0, A B + P Q = U_{r+q} U_{r+q}ᵀ W
     (relative 1e-10 on the densified weight)."""
     X, _, W, A, B, _, _, s2 = case(m=m, n=n, rows=80, r=r, q=q, seed=m + n)
     P, Q, info = cp.solve(W, A, B, q, X.T @ X, damp=0.0, xp=np)

@@ -1,4 +1,4 @@
-"""Stage 1 against independent derivations (METHOD.md, Stage 1)."""
+"""Stage 1 against independent derivations (docs/math.md, Stage 1)."""
 
 import numpy as np
 import pytest
