@@ -20,6 +20,8 @@ def model_logits(weights, images, *, num_heads=None, batch_size=64, limit=None, 
                  device="cpu", dtype="float64", quiet=True):
     """Logits of the model in ``weights`` over the image folder ``images``.
 
+    Reads the file and streams the folder through :func:`tensor_logits`.
+
     Returns
     -------
     logits : ndarray (N, K) float64
@@ -38,21 +40,57 @@ def model_logits(weights, images, *, num_heads=None, batch_size=64, limit=None, 
     except MrcError as err:
         raise err.at(file=weights) from None
     total = len(list_images(images)[0])
-    logits, labels = [], []
     with tqdm(total=total if limit is None else min(total, limit), unit="img", file=sys.stderr,
               disable=True if quiet else None, desc=f"evaluate {weights}", leave=False) as bar:
-        for batch, batch_labels, _ in iter_batches(images, batch_size, size=size, crop_pct=crop_pct, limit=limit):
-            try:
-                out = vit.forward(params, xp.asarray(batch), num_heads=heads, xp=xp, dtype=get_dtype(dtype))
-            except MrcError as err:
-                raise err.at(file=weights) from None
-            logits.append(to_host(out).astype(np.float64))
-            if batch_labels is not None:
-                labels.append(batch_labels)
-            bar.update(len(batch))
+        def counted():
+            for item in iter_batches(images, batch_size, size=size, crop_pct=crop_pct, limit=limit):
+                yield item
+                bar.update(len(item[0]))
+
+        return tensor_logits(params, metadata, counted(), num_heads=heads, device=device, dtype=dtype,
+                             source=weights)
+
+
+def tensor_logits(tensors, metadata, batches, *, num_heads=None, device="cpu", dtype="float64", source=None):
+    """Logits of the model ``tensors`` over image batches: the forward pass of
+    :func:`model_logits`, for a model and images already in memory.
+
+    Parameters
+    ----------
+    tensors : dict of str -> array
+        A dense, compressed or int8 model (host arrays, or already prepared
+        by :func:`mrc_ref.vit.prepare` in ``dtype``).
+    metadata : dict
+        The file's metadata (``num_heads``).
+    batches : iterable of (images, labels, ...)
+        ``images`` float32 (B, 3, s, s) as :func:`mrc_ref.images.iter_batches`
+        yields them; ``labels`` (B,) or None.
+    source : str, optional
+        The model's file, named in errors.
+
+    Returns
+    -------
+    logits : ndarray (N, K) float64
+    labels : ndarray (N,) or None
+    """
+    xp = get_xp(device)
+    try:
+        heads = vit.resolve_num_heads(tensors, num_heads, metadata)
+        params = vit.prepare(tensors, xp, get_dtype(dtype))
+    except MrcError as err:
+        raise err.at(file=source) from None
+    logits, labels = [], []
+    for batch, batch_labels, *_ in batches:
+        try:
+            out = vit.forward(params, xp.asarray(batch), num_heads=heads, xp=xp, dtype=get_dtype(dtype))
+        except MrcError as err:
+            raise err.at(file=source) from None
+        logits.append(to_host(out).astype(np.float64))
+        if batch_labels is not None:
+            labels.append(batch_labels)
     logits = np.concatenate(logits)
     if not np.isfinite(logits).all():  # e.g. a NaN in a tensor no other check reads
-        raise MrcError("the forward pass gives NaN or Inf logits", file=weights)
+        raise MrcError("the forward pass gives NaN or Inf logits", file=source)
     return logits, (np.concatenate(labels) if labels else None)
 
 

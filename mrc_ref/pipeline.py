@@ -145,7 +145,79 @@ def _layer_metric(name, W, raw, config, xp, dtype):
         raise err.at(layer=name) from None
 
 
-def run(tensors, load_stats, config, *, xp, progress=None, sequential=None, files=(None, None)):
+def stage1(tensors, load_stats, config, *, xp, progress=None, files=(None, None), full=False):
+    """Stage 1 of every selected layer, once, for reuse by several :func:`run` calls.
+
+    The decomposition ``W C Wᵀ = U Σ² Uᵀ`` (:func:`mrc_ref.svd.output_basis`)
+    depends on the weight, the statistic and the dtype only, not on the
+    allocation, the reduction or the compensation; :func:`run` given this
+    result (``stage1=``) skips its own Stage 1 and gives the same numbers.
+
+    Parameters
+    ----------
+    tensors, load_stats, config, xp, progress, files :
+        As :func:`run`; ``config.layers``, ``statistic``, ``dtype`` and
+        ``rank`` are used.
+    full : bool
+        Keep every column of ``U`` (any later ``--rank`` fits), not only
+        those up to the break-even rank ``⌊m n / (m + n)⌋``.
+
+    Returns
+    -------
+    dict
+        ``statistic``, ``dtype`` (of the config) and ``layers``:
+        ``{name: (U, nmse)}`` with ``U`` (m, keep) in ``xp`` and ``nmse``
+        (k + 1,) the host curve of :func:`mrc_ref.svd.nmse_curve`.
+    """
+    check_config(config)
+    try:
+        names = select_layers(tensors, config.layers)
+        return {"statistic": config.statistic, "dtype": config.dtype,
+                "layers": _stage1(tensors, load_stats, names, config, xp, progress or (lambda it, desc: it),
+                                  files, full)}
+    except MrcError as err:
+        raise err.at(file=files[0]) from None
+
+
+def _stage1(tensors, load_stats, names, config, xp, progress, files, full):
+    """``{name: (U, nmse curve)}`` of :func:`stage1`."""
+    dtype = get_dtype(config.dtype)
+    layers = {}
+    for name in progress(names, "stage 1 (activation-aware SVD)"):
+        W = xp.asarray(tensors[name + ".weight"], dtype=dtype)
+        if not bool(xp.isfinite(W).all()):
+            raise MrcError("weight contains NaN or Inf", file=files[0], layer=name)
+        if not (W.size and float(xp.abs(W).max()) > 0):
+            raise MrcError(f"weight of shape {tuple(W.shape)} is all zero or empty", file=files[0], layer=name)
+        try:  # W is valid here, so what fails below is the statistic's (or W C Wᵀ's) fault
+            C = _layer_metric(name, W, load_stats(name), config, xp, dtype)
+            U, s2 = svd.output_basis(W, C, xp)
+        except MrcError as err:
+            raise err.at(file=files[1], layer=name) from None
+        keep = U.shape[1] if full else max(allocate.break_even_rank(*W.shape, 0), config.rank or 0)
+        layers[name] = (U[:, :keep], to_host(svd.nmse_curve(s2, xp)))
+    return layers
+
+
+def _cached_stage1(cache, names, shapes, config):
+    """The bases and curves of ``names`` from a :func:`stage1` result, checked
+    against ``config`` (a mismatch is a programming error: ``ValueError``)."""
+    if (cache["statistic"], cache["dtype"]) != (config.statistic, config.dtype):
+        raise ValueError(f"stage1 computed for statistic {cache['statistic']!r}, dtype {cache['dtype']!r}; "
+                         f"the config asks for {config.statistic!r}, {config.dtype!r}")
+    bases, curves = {}, []
+    for name, (m, n) in zip(names, shapes):
+        if name not in cache["layers"]:
+            raise ValueError(f"stage1 has no layer {name!r}")
+        U, curve = cache["layers"][name]
+        if U.shape[1] < max(allocate.break_even_rank(m, n, 0), config.rank or 0):
+            raise ValueError(f"stage1 keeps {U.shape[1]} columns of {name!r}; compute it with full=True")
+        bases[name] = U
+        curves.append(curve)
+    return bases, curves
+
+
+def run(tensors, load_stats, config, *, xp, progress=None, sequential=None, files=(None, None), stage1=None):
     """Compress the selected layers of ``tensors``.
 
     Parameters
@@ -167,6 +239,10 @@ def run(tensors, load_stats, config, *, xp, progress=None, sequential=None, file
     files : (str, str) or (str, str, str), optional
         Names of the weights, statistics and (optional) sensitivity sources,
         used in error messages only.
+    stage1 : dict, optional
+        The result of :func:`stage1` for the same tensors, statistic and
+        dtype (any superset of the selected layers): Stage 1 is then not
+        recomputed, and the results are the same.
 
     Returns
     -------
@@ -179,12 +255,12 @@ def run(tensors, load_stats, config, *, xp, progress=None, sequential=None, file
     """
     check_config(config)
     try:
-        return _run(tensors, load_stats, config, xp, progress, sequential, files)
+        return _run(tensors, load_stats, config, xp, progress, sequential, files, stage1)
     except MrcError as err:  # each statistics error names its file where raised; the rest concerns the model
         raise err.at(file=files[0]) from None
 
 
-def _run(tensors, load_stats, config, xp, progress, sequential, files):
+def _run(tensors, load_stats, config, xp, progress, sequential, files, cache=None):
     progress = progress or (lambda it, desc: it)
     dtype = get_dtype(config.dtype)
     compensation = config.compensation
@@ -207,22 +283,12 @@ def _run(tensors, load_stats, config, xp, progress, sequential, files):
         except MrcError as err:
             raise err.at(file=files[2] if len(files) > 2 else None) from None
 
-    # Stage 1: spectrum of every layer (basis kept up to the break-even rank).
-    bases, curves = {}, []
-    for name in progress(names, "stage 1 (activation-aware SVD)"):
-        W = xp.asarray(tensors[name + ".weight"], dtype=dtype)
-        if not bool(xp.isfinite(W).all()):
-            raise MrcError("weight contains NaN or Inf", file=files[0], layer=name)
-        if not (W.size and float(xp.abs(W).max()) > 0):
-            raise MrcError(f"weight of shape {tuple(W.shape)} is all zero or empty", file=files[0], layer=name)
-        try:  # W is valid here, so what fails below is the statistic's (or W C Wᵀ's) fault
-            C = _layer_metric(name, W, load_stats(name), config, xp, dtype)
-            U, s2 = svd.output_basis(W, C, xp)
-        except MrcError as err:
-            raise err.at(file=files[1], layer=name) from None
-        keep = max(allocate.break_even_rank(*W.shape, 0), config.rank or 0)
-        bases[name] = U[:, :keep]
-        curves.append(to_host(svd.nmse_curve(s2, xp)))
+    # Stage 1: spectrum of every layer (basis kept up to the break-even rank), or a stage1() result.
+    if cache is None:
+        stage = _stage1(tensors, load_stats, names, config, xp, progress, files, full=False)
+        bases, curves = {n: stage[n][0] for n in names}, [stage[n][1] for n in names]
+    else:
+        bases, curves = _cached_stage1(cache, names, shapes, config)
 
     # Stage 2: ranks, and the exact optimum (or a proven bound) to measure them against,
     # all on the curves w_l NMSE_l of the (weighted) objective.
