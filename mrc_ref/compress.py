@@ -10,9 +10,13 @@ import dataclasses
 import os
 import sys
 
-from . import allocate, compensate, formats, pipeline, stats
+from . import allocate, compensate, formats, pipeline, quantize, stats
 from .backend import DEVICES, DTYPES, get_xp
 from .errors import MrcError
+
+
+#: Values of ``--quantize``: the post-training quantization of the output (:mod:`mrc_ref.quantize`).
+QUANTIZATIONS = ("int8",)
 
 
 def build_parser():
@@ -54,6 +58,9 @@ def build_parser():
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the residual's initial Q (default: %(default)s)")
     p.add_argument("--device", default=d.device, choices=DEVICES, help="NumPy or CuPy (default: %(default)s)")
     p.add_argument("--dtype", default=d.dtype, choices=list(DTYPES), help="internal math (default: %(default)s)")
+    p.add_argument("--quantize", choices=QUANTIZATIONS,
+                   help="after compression, store the linear layers' matrices (factors and dense weights) as "
+                        "symmetric per-output-channel int8 with float32 scales (docs/formats.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -105,11 +112,31 @@ def summary(report):
     return "\n".join(lines)
 
 
-def compress_files(weights, acts, output, config, *, report_path=None, quiet=True, sensitivity=None):
+def quantize_output(out, report, scheme="int8"):
+    """Quantize a compressed model's linear layers (:func:`mrc_ref.quantize.quantize_tensors`)
+    and record it in ``report["quantization"]``: ``scheme``, ``tensors`` (the
+    int8 keys), ``scale_elements`` and the data bytes before and after.
+    Returns the quantized tensors."""
+    if scheme not in QUANTIZATIONS:
+        raise MrcError(f"unknown quantization {scheme!r}; expected one of {', '.join(QUANTIZATIONS)}")
+    quantized = quantize.quantize_tensors(out)
+    keys = quantize.quantized_keys(quantized)
+    report["quantization"] = {"scheme": quantize.SCHEME, "tensors": keys,
+                              "scale_elements": sum(int(quantized[k + quantize.SCALE_SUFFIX].size) for k in keys),
+                              "bytes_before": quantize.storage_bytes(out),
+                              "bytes_after": quantize.storage_bytes(quantized)}
+    return quantized
+
+
+def compress_files(weights, acts, output, config, *, report_path=None, quiet=True, sensitivity=None, quantize=None,
+                   stage1=None):
     """Read the inputs, run the pipeline, write the outputs atomically.
 
     ``sensitivity``: an optional sensitivity file whose weights replace
-    ``config.sensitivity``. Returns the report (dict).
+    ``config.sensitivity``. ``quantize``: ``"int8"`` stores the output's
+    linear layers int8 (:func:`quantize_output`). ``stage1``: a
+    :func:`mrc_ref.pipeline.stage1` result of the same inputs, reused instead
+    of recomputed. Returns the report (dict).
     """
     inputs = (weights, acts, sensitivity)
     formats.check_outputs((output, report_path), inputs)  # refuse before any work is done
@@ -137,10 +164,12 @@ def compress_files(weights, acts, output, config, *, report_path=None, quiet=Tru
 
         out, report = pipeline.run(tensors, load_stats, config,
                                    xp=xp, progress=progress_bar(quiet), sequential=sequential,
-                                   files=(weights, acts, sensitivity))
+                                   files=(weights, acts, sensitivity), stage1=stage1)
     report["inputs"] = {"weights": os.path.basename(weights), "acts": os.path.basename(acts)}
     if sensitivity is not None:
         report["inputs"].update(sensitivity=os.path.basename(sensitivity), sensitivity_metric=metric)
+    if quantize is not None:
+        out = quantize_output(out, report, quantize)
     formats.json_text(report, report_path)  # a report JSON cannot hold is refused before anything is written
     formats.write_safetensors(output, out, formats.compressed_metadata(report, metadata), inputs=inputs)
     if report_path:
@@ -163,7 +192,8 @@ def main(argv=None):
             parser.error("the weights and acts files are required (or --example)")
         output = args.output or os.path.splitext(args.weights)[0] + ".compressed.safetensors"
         report = compress_files(args.weights, args.acts, output, config_from_args(args),
-                                report_path=args.report, quiet=args.quiet, sensitivity=args.sensitivity)
+                                report_path=args.report, quiet=args.quiet, sensitivity=args.sensitivity,
+                                quantize=args.quantize)
         print(summary(report))
         print(f"wrote {output}" + (f" and {args.report}" if args.report else ""))
         if args.example:

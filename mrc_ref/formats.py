@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 
 from .errors import MrcError
+from .quantize import SCALE_SUFFIX, dequantize_tensors, quantized_keys
 from .stats import check_declared
 from .vit import dense_weight
 
@@ -19,6 +20,10 @@ ACTS_FORMAT = "mrc_ref.activations"
 ACTS_VERSION = 1
 COMPRESSED_FORMAT = "mrc_ref.compressed"
 COMPRESSED_VERSION = "1"
+#: Version of a compressed file holding int8 tensors (``compress --quantize int8``):
+#: version 1 plus int8 matrices with per-row scales, which a version-1 reader would misread.
+COMPRESSED_INT8_VERSION = "2"
+COMPRESSED_VERSIONS = (COMPRESSED_VERSION, COMPRESSED_INT8_VERSION)
 FACTOR_SUFFIXES = ("lowrank_a", "lowrank_b", "residual_p", "residual_q")
 
 
@@ -485,7 +490,9 @@ def compressed_metadata(report, input_metadata=None):
     """Header metadata of a compressed file: the input's own metadata (e.g.
     ``num_heads``), then ``format``, ``version``, and JSON strings ``config``
     (the full configuration) and ``ranks`` (``{layer: rank or null}``) and
-    ``residual_ranks``."""
+    ``residual_ranks``; with ``report["quantization"]`` (``compress --quantize``)
+    also ``quantization`` (JSON: ``scheme``, ``tensors``) and version
+    :data:`COMPRESSED_INT8_VERSION`."""
     meta = dict(input_metadata or {})
     meta.update({
         "format": COMPRESSED_FORMAT,
@@ -494,6 +501,10 @@ def compressed_metadata(report, input_metadata=None):
         "ranks": json.dumps({e["name"]: e["rank"] for e in report["layers"]}),
         "residual_ranks": json.dumps({e["name"]: e["residual_rank"] for e in report["layers"]}),
     })
+    if report.get("quantization"):
+        q = report["quantization"]
+        meta["version"] = COMPRESSED_INT8_VERSION
+        meta["quantization"] = json.dumps({"scheme": q["scheme"], "tensors": q["tensors"]})
     return meta
 
 
@@ -506,7 +517,10 @@ def densify(tensors, dtype=None):
     """Rebuild dense weights: ``<name>.weight = A B + P Q`` for every factored layer.
 
     The product is formed in float64 and cast to ``dtype`` (default: the
-    stored dtype of ``lowrank_a``). Other tensors are passed through unchanged.
+    stored dtype of ``lowrank_a``). Int8 tensors with a ``.scale``
+    (:mod:`mrc_ref.quantize`) are dequantized first, ``q · s`` exactly in
+    float64, and their scales dropped; the default dtype of what they give
+    is the scale's (float32). Other tensors are passed through unchanged.
 
     Parameters
     ----------
@@ -518,18 +532,20 @@ def densify(tensors, dtype=None):
     dict of str -> ndarray
         The dense model in the input layout.
     """
+    int8 = {k: tensors[k + SCALE_SUFFIX].dtype for k in quantized_keys(tensors)}  # dequantized to the scale's dtype
+    tensors = dequantize_tensors(tensors, np, np.float64)  # q · s, exact in float64
     out = {}
     factored = set(factored_layers(tensors))
     parts = {f"{n}.{s}": n for n in factored for s in FACTOR_SUFFIXES}
     for key, value in tensors.items():
         if key not in parts:
-            out[key] = value
+            out[key] = value.astype(dtype or int8[key]) if key in int8 else value
             continue
         name = parts[key]
         if key != name + ".lowrank_a":
             continue
         factors = {k: tensors[k].astype(np.float64) for k in (f"{name}.{s}" for s in FACTOR_SUFFIXES) if k in tensors}
-        out[name + ".weight"] = dense_weight(factors, name, np).astype(dtype or value.dtype)
+        out[name + ".weight"] = dense_weight(factors, name, np).astype(dtype or int8.get(key, value.dtype))
     return out
 
 
@@ -540,18 +556,25 @@ def read_compressed(path):
     -------
     tensors : dict of str -> ndarray
     metadata : dict
-        With ``config``, ``ranks`` and ``residual_ranks`` parsed from JSON.
+        With ``config``, ``ranks`` and ``residual_ranks`` parsed from JSON (and
+        ``quantization`` in version 2, which must have it; int8 tensors with
+        scales are refused in version 1, whose readers would misread them).
     """
     tensors, meta = read_safetensors(path)
     if meta.get("format") != COMPRESSED_FORMAT:
         raise MrcError(f"format is {meta.get('format')!r}, expected {COMPRESSED_FORMAT!r}", file=path)
-    if meta.get("version") != COMPRESSED_VERSION:
-        raise MrcError(f"unsupported version {meta.get('version')!r}, expected {COMPRESSED_VERSION!r}", file=path)
+    if meta.get("version") not in COMPRESSED_VERSIONS:
+        raise MrcError(f"unsupported version {meta.get('version')!r}, expected one of "
+                       f"{', '.join(repr(v) for v in COMPRESSED_VERSIONS)}", file=path)
+    int8 = meta["version"] == COMPRESSED_INT8_VERSION
     try:
-        for key in ("config", "ranks", "residual_ranks"):
+        for key in ("config", "ranks", "residual_ranks", *(("quantization",) if int8 else ())):
             meta[key] = json.loads(meta[key])
     except (KeyError, ValueError) as exc:
         raise MrcError(f"bad metadata ({exc})", file=path) from None
+    if not int8 and quantized_keys(tensors):
+        raise MrcError(f"version {COMPRESSED_VERSION} holds int8 tensors with scales; int8 files are version "
+                       f"{COMPRESSED_INT8_VERSION}", file=path)
     return tensors, meta
 
 

@@ -16,6 +16,8 @@ Any linear layer may instead be stored *compressed*: ``<name>.lowrank_a``
 (m, r) and ``<name>.lowrank_b`` (r, n), optionally ``<name>.residual_p``
 (m, q) and ``<name>.residual_q`` (q, n), and ``<name>.bias`` (m,); its
 weight ``W = A B + P Q`` is applied factor by factor, never formed.
+Any of these matrices may be stored int8 with a per-row ``<key>.scale``
+(:mod:`mrc_ref.quantize`); :func:`prepare` dequantizes them.
 
 Every function takes the array module ``xp`` explicitly; the parameters
 must already live in ``xp`` (see :func:`prepare`), except in
@@ -27,6 +29,7 @@ import re
 
 import numpy as np
 
+from . import quantize
 from .backend import array_module, to_device
 from .errors import MrcError
 
@@ -42,7 +45,9 @@ def prepare(params, xp, dtype=np.float64):
     """Convert every parameter to an ``xp`` array of ``dtype``.
 
     Arrays that already are ``xp`` arrays of ``dtype`` are kept as they are
-    (no copy), so a prepared dict can be passed again at no cost.
+    (no copy), so a prepared dict can be passed again at no cost. An int8
+    ``<key>`` with a ``<key>.scale`` becomes ``q · s`` in ``dtype``
+    (:func:`mrc_ref.quantize.dequantize_tensors`; the scales are dropped).
 
     Parameters
     ----------
@@ -58,6 +63,7 @@ def prepare(params, xp, dtype=np.float64):
     dict of str -> xp array
     """
     dtype = np.dtype(np.float64 if dtype is None else dtype)
+    params = quantize.dequantize_tensors(params, xp, dtype)  # int8 + scale -> q · s, on load
     out = {}
     for key, value in params.items():
         if array_module(value) is xp and getattr(value, "dtype", None) == dtype:
