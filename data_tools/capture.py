@@ -49,44 +49,6 @@ def block_linear_names(params):
 
 
 # ----------------------------------------------------------------- accumulation
-def gram_update(c, x, xp):
-    """Add ``x^T x`` to the upper triangle of ``c`` in place.
-
-    Parameters
-    ----------
-    c : xp array, shape (n, n), float64
-        Accumulator; only its upper triangle (diagonal included) is
-        meaningful afterwards (see :func:`symmetrize_upper`).
-    x : xp array, shape (rows, n), float64 or float32
-        The product ``x^T x`` is formed in ``x``'s dtype and added in float64.
-
-    Notes
-    -----
-    For NumPy this is BLAS ``syrk``, which forms one triangle of ``x^T x``:
-    ``rows n (n + 1) / 2`` multiply-adds, half those of ``x.T @ x``. Other
-    array modules (CuPy, the strict test double) add the full ``x.T @ x``.
-    """
-    if xp is np:
-        from scipy.linalg.blas import get_blas_funcs
-
-        x = np.ascontiguousarray(x)
-        syrk = get_blas_funcs("syrk", dtype=x.dtype)
-        # x.T and c.T are Fortran-ordered views (no copy); the lower triangle
-        # of c.T is the upper triangle of c.
-        if x.dtype == c.dtype:
-            syrk(1.0, x.T, beta=1.0, c=c.T, trans=0, lower=1, overwrite_c=1)
-        else:
-            c += syrk(1.0, x.T, trans=0, lower=1).T
-    else:
-        c += xp.asarray(x.T @ x, dtype=c.dtype)
-
-
-def symmetrize_upper(c):
-    """The symmetric matrix whose upper triangle is that of host array ``c``:
-    ``triu(c) + triu(c, 1)^T``."""
-    return np.triu(c) + np.triu(c, 1).T
-
-
 def _new_accumulator(n, xp):
     return {
         "gram": xp.zeros((n, n), dtype=xp.float64),
@@ -96,20 +58,22 @@ def _new_accumulator(n, xp):
     }
 
 
-def accumulate(acc, params, name, x, xp):
+def accumulate(acc, params, name, x, xp, y=None):
     """Add one batch of layer inputs to the accumulator ``acc`` (in place).
 
     Parameters
     ----------
     acc : dict
         ``gram`` (n, n), ``sum`` (n,), ``rows`` (int), ``gram_normalized``
-        (n, n, the unnormalised sum over images), float64 xp arrays; the two
-        matrices hold only their upper triangles (:func:`gram_update`).
+        (n, n, the unnormalised sum over images), float64 xp arrays.
     params : mapping of str -> xp array
         Prepared parameters (for the layer weight), in the dtype of ``x``.
     name : str
     x : xp array, shape (B, T, n), float64 or float32
         The inputs of layer ``name`` for B images.
+    y : xp array, shape (B, T, m), optional
+        ``X W^T`` without the bias when the caller has it (the forward
+        pass's output minus the bias); computed here otherwise.
 
     Notes
     -----
@@ -118,19 +82,21 @@ def accumulate(acc, params, name, x, xp):
     ``s_i = ||X_i W^T||_F^2``, computed as one product of the rows of each
     image scaled by ``s_i^{-1/2}``. ``X_i W^T`` is applied through the
     factors (no bias) for a compressed layer. Each batch's products are
-    formed in ``x``'s dtype and added into the float64 accumulators.
+    formed in ``x``'s dtype and added into the float64 accumulators (NumPy
+    forms ``X^T X`` with BLAS ``syrk``, one triangle, then mirrors it).
     """
     b, t, n = x.shape
     flat = xp.reshape(x, (b * t, n))
-    gram_update(acc["gram"], flat, xp)
+    acc["gram"] += flat.T @ flat
     acc["sum"] += xp.sum(flat, axis=0, dtype=xp.float64)
     acc["rows"] += b * t
-    y = vit.linear(params, name, x, xp, bias=False)
+    if y is None:
+        y = vit.linear(params, name, x, xp, bias=False)
     energy = xp.sum(xp.reshape(y * y, (b, -1)), axis=1, dtype=xp.float64)  # (B,) = ||X_i W^T||_F^2
     if not bool(to_host(xp.all(energy > 0))):  # also catches NaN
         raise MrcError("an image gives a zero or non-finite layer output; gram_normalized is undefined", layer=name)
-    scale = xp.asarray(1.0 / xp.sqrt(energy), dtype=x.dtype)
-    gram_update(acc["gram_normalized"], xp.reshape(x * scale[:, None, None], (b * t, n)), xp)
+    scaled = xp.reshape(x * xp.asarray(1.0 / xp.sqrt(energy), dtype=x.dtype)[:, None, None], (b * t, n))
+    acc["gram_normalized"] += scaled.T @ scaled
 
 
 def capture_statistics(params, batches, *, num_heads, proxy_images, xp, progress=None, dtype=np.float64):
@@ -142,7 +108,7 @@ def capture_statistics(params, batches, *, num_heads, proxy_images, xp, progress
         timm-layout parameters (host or prepared; prepared here in ``dtype``).
     batches : iterable
         Image batches (B, C, H, W), or tuples whose first item is one (as
-        yielded by ``data_tools.images.iter_batches``).
+        yielded by ``mrc_ref.images.iter_batches``).
     num_heads : int
     proxy_images : int
         Keep the block-0 inputs of the first ``proxy_images`` images.
@@ -173,11 +139,19 @@ def capture_statistics(params, batches, *, num_heads, proxy_images, xp, progress
     acc = {}
     proxy, kept, images = [], 0, 0
 
-    def hook(name, x):
+    pending = {}
+
+    def hook(name, x):  # the layer's input: kept until its output arrives
         if name in wanted:
+            pending[name] = x
+
+    def out_hook(name, y):  # the layer's output x W^T + b: no second product for ||X_i W^T||
+        x = pending.pop(name, None)
+        if x is not None:
             if name not in acc:
                 acc[name] = _new_accumulator(x.shape[-1], xp)
-            accumulate(acc[name], params, name, x, xp)
+            bias = params.get(f"{name}.bias")
+            accumulate(acc[name], params, name, x, xp, y=y if bias is None else y - bias)
 
     for item in batches:
         batch = item[0] if isinstance(item, tuple) else item
@@ -189,7 +163,7 @@ def capture_statistics(params, batches, *, num_heads, proxy_images, xp, progress
             take = min(proxy_images - kept, h.shape[0])
             proxy.append(to_host(h[:take]).astype(np.float32))
             kept += take
-        vit.blocks(params, h, num_heads, xp, hook=hook)
+        vit.blocks(params, h, num_heads, xp, hook=hook, out_hook=out_hook)
         images += x.shape[0]
         if progress is not None:
             progress(x.shape[0])
@@ -199,10 +173,10 @@ def capture_statistics(params, batches, *, num_heads, proxy_images, xp, progress
     for name in names:
         st = acc[name]
         layers[name] = {
-            "gram": symmetrize_upper(to_host(st["gram"])),
+            "gram": to_host(st["gram"]),
             "sum": to_host(st["sum"]),
             "rows": int(st["rows"]),
-            "gram_normalized": symmetrize_upper(to_host(st["gram_normalized"])) / images,
+            "gram_normalized": to_host(st["gram_normalized"] / images),
         }
     proxy_tokens = np.concatenate(proxy, axis=0) if proxy else None
     return layers, proxy_tokens
@@ -260,7 +234,7 @@ def image_list_sha256(paths, folder):
 def preprocess_description(size):
     """The evaluation transform as a JSON string (``preprocess`` attribute);
     two captures used the same preprocessing iff these strings are equal."""
-    from data_tools import images
+    from mrc_ref import images
 
     return json.dumps({"transform": "deit_eval", "size": int(size), "crop_pct": images.DEFAULT_CROP_PCT,
                        "interpolation": "bicubic", "mean": list(images.IMAGENET_MEAN),
@@ -268,7 +242,7 @@ def preprocess_description(size):
 
 
 def _load_batches(paths, batch_size, size):
-    from data_tools.images import load_image
+    from mrc_ref.images import load_image
 
     for start in range(0, len(paths), batch_size):
         yield np.stack([load_image(p, size=size) for p in paths[start : start + batch_size]])
@@ -278,7 +252,7 @@ def capture_part(weights, images_folder, *, shard=(0, 1), max_images=None, proxy
                  batch_size=DEFAULT_BATCH_SIZE, num_heads=None, device="cpu", dtype="float64", progress=None):
     """Capture the statistics of one shard of an image folder, in memory.
 
-    The image list is :func:`data_tools.images.list_images` order, cut to its
+    The image list is :func:`mrc_ref.images.list_images` order, cut to its
     first ``max_images``; shard ``K`` of ``N`` is its slice
     :func:`shard_bounds` ``(K, N, M)``. ``shard=(0, 1)`` is the whole list.
 
@@ -310,7 +284,7 @@ def capture_part(weights, images_folder, *, shard=(0, 1), max_images=None, proxy
     MrcError
         Bad weights, folder, image or an empty shard (naming the file).
     """
-    from data_tools.images import list_images, model_input_size
+    from mrc_ref.images import list_images, model_input_size
 
     index, count = shard
     xp = get_xp(device)
@@ -367,7 +341,7 @@ def run(weights, images_folder, output, *, max_images=None, shard=(0, 1), proxy_
     (float32 halves the file; the format allows both)."""
     from tqdm import tqdm
 
-    from data_tools.images import list_images
+    from mrc_ref.images import list_images
 
     check_output(output, (weights,))  # fail before the work, not after it
     get_xp(device)  # --device cuda without a GPU fails before anything is read

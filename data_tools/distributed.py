@@ -87,7 +87,7 @@ def capture_on_cluster(client, weights, images_folder, *, shards=None, max_image
         Bad input found on the client or on a worker, or parts that do not
         belong together (e.g. a worker that sees a different weights file).
     """
-    from data_tools.images import list_images
+    from mrc_ref.images import list_images
 
     total = len(list_images(images_folder)[0])
     total = total if max_images is None else min(total, int(max_images))

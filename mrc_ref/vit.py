@@ -203,6 +203,10 @@ def linear(params, name, x, xp, *, bias=True):
     MrcError
         The layer is missing, half-compressed, or its shapes do not chain.
     """
+    if x.ndim > 2:  # one 2-D product (one BLAS call), not one per leading index
+        lead = tuple(x.shape[:-1])
+        y = linear(params, name, xp.reshape(x, (math.prod(lead), x.shape[-1])), xp, bias=bias)
+        return xp.reshape(y, lead + (y.shape[-1],))
     n = x.shape[-1]
     if f"{name}.weight" in params:
         w = params[f"{name}.weight"]
@@ -381,7 +385,7 @@ def embed(params, images, xp):
     return h + pos
 
 
-def attention(params, name, x, num_heads, xp, hook=None):
+def attention(params, name, x, num_heads, xp, hook=None, out_hook=None):
     """Multi-head self-attention of timm ``Attention``.
 
     ``[Q K V] = x W_qkv^T + b``, per head ``O = softmax(Q K^T / sqrt(d_h)) V``,
@@ -402,6 +406,7 @@ def attention(params, name, x, num_heads, xp, hook=None):
     n, t, _ = x.shape
     _call(hook, f"{name}.qkv", x)
     qkv = linear(params, f"{name}.qkv", x, xp)
+    _call(out_hook, f"{name}.qkv", qkv)
     width = qkv.shape[-1]
     if width % 3 or (width // 3) % num_heads:
         raise MrcError(f"output width {width} is not 3 x a multiple of {num_heads} heads", layer=f"{name}.qkv")
@@ -412,18 +417,24 @@ def attention(params, name, x, num_heads, xp, hook=None):
     attn = softmax((q @ xp.swapaxes(k, -1, -2)) * (hd**-0.5), xp)
     o = xp.reshape(xp.transpose(attn @ v, (0, 2, 1, 3)), (n, t, inner))
     _call(hook, f"{name}.proj", o)
-    return linear(params, f"{name}.proj", o, xp)
+    out = linear(params, f"{name}.proj", o, xp)
+    _call(out_hook, f"{name}.proj", out)
+    return out
 
 
-def mlp(params, name, x, xp, hook=None):
+def mlp(params, name, x, xp, hook=None, out_hook=None):
     """timm ``Mlp``: ``fc2(GELU(fc1(x)))``; ``name`` is e.g. ``"blocks.0.mlp"``."""
     _call(hook, f"{name}.fc1", x)
-    u = gelu(linear(params, f"{name}.fc1", x, xp), xp)
+    z = linear(params, f"{name}.fc1", x, xp)
+    _call(out_hook, f"{name}.fc1", z)
+    u = gelu(z, xp)
     _call(hook, f"{name}.fc2", u)
-    return linear(params, f"{name}.fc2", u, xp)
+    out = linear(params, f"{name}.fc2", u, xp)
+    _call(out_hook, f"{name}.fc2", out)
+    return out
 
 
-def block(params, index, h, num_heads, xp, hook=None):
+def block(params, index, h, num_heads, xp, hook=None, out_hook=None):
     """One pre-norm transformer block.
 
     ``h = h + Attn(LN1(h))``; ``h = h + MLP(LN2(h))``.
@@ -439,21 +450,25 @@ def block(params, index, h, num_heads, xp, hook=None):
     hook : callable, optional
         ``hook(name, x)`` with the input ``x`` (N, T, n) of each linear
         layer, before it is applied. It must not modify ``x``.
+    out_hook : callable, optional
+        ``out_hook(name, y)`` with the output ``y = x W^T + b`` (N, T, m) of
+        each linear layer, right after it is applied (so a capture need not
+        compute ``x W^T`` again). It must not modify ``y``.
 
     Returns
     -------
     xp array, shape (N, T, D)
     """
     p = f"blocks.{index}"
-    h = h + attention(params, f"{p}.attn", layer_norm(params, f"{p}.norm1", h, xp), num_heads, xp, hook)
-    return h + mlp(params, f"{p}.mlp", layer_norm(params, f"{p}.norm2", h, xp), xp, hook)
+    h = h + attention(params, f"{p}.attn", layer_norm(params, f"{p}.norm1", h, xp), num_heads, xp, hook, out_hook)
+    return h + mlp(params, f"{p}.mlp", layer_norm(params, f"{p}.norm2", h, xp), xp, hook, out_hook)
 
 
-def blocks(params, h, num_heads, xp, hook=None, start=0, stop=None):
+def blocks(params, h, num_heads, xp, hook=None, start=0, stop=None, out_hook=None):
     """Blocks ``start .. stop-1`` (all remaining when ``stop`` is None)."""
     stop = depth(params) if stop is None else stop
     for index in range(start, stop):
-        h = block(params, index, h, num_heads, xp, hook)
+        h = block(params, index, h, num_heads, xp, hook, out_hook)
     return h
 
 

@@ -137,17 +137,21 @@ def test_float32_capture_agrees_with_float64():
         np.testing.assert_array_equal(got[name]["gram"], got[name]["gram"].T)
 
 
-def test_gram_update_is_the_upper_triangle_of_the_product():
-    from data_tools.capture import gram_update, symmetrize_upper
-
-    rng = np.random.default_rng(7)
-    for dtype in (np.float64, np.float32):
-        x = rng.standard_normal((40, 6)).astype(dtype)
-        c = np.ones((6, 6))  # accumulates: adds to what is there
-        gram_update(c, x, np)
-        want = 1.0 + x.astype(np.float64).T @ x.astype(np.float64)
-        tol = 1e-12 if dtype == np.float64 else 1e-5
-        np.testing.assert_allclose(symmetrize_upper(c), want, rtol=tol, atol=tol * np.abs(want).max())
+def test_out_hook_gives_each_linear_output_right_after_its_input():
+    """The capture takes ``||X_i W^T||`` from ``vit``'s ``out_hook`` (output
+    minus bias): it must be the layer's own output, for dense and factored
+    layers, in forward order."""
+    rng = np.random.default_rng(8)
+    params, _ = compress_some(random_params(rng), rng)
+    prepared = vit.prepare(params, np)
+    events = []
+    h = vit.embed(prepared, images(3, rng).astype(np.float64), np)
+    vit.blocks(prepared, h, 2, np, hook=lambda n, x: events.append(("in", n, x)),
+               out_hook=lambda n, y: events.append(("out", n, y)))
+    names = [n for n in vit.linear_names(params) if not n.startswith("head")]
+    assert [(kind, n) for kind, n, _ in events] == [(k, n) for n in names for k in ("in", "out")]
+    for (_, name, x), (_, _, y) in zip(events[::2], events[1::2]):
+        np.testing.assert_allclose(y, vit.linear(prepared, name, x, np), rtol=1e-13, atol=1e-13, err_msg=name)
 
 
 def test_progress_and_errors():

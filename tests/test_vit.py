@@ -205,9 +205,10 @@ def test_compressed_layer_is_never_densified():
     prepared = vit.prepare(comp, np)
     spied = {k: (v.view(Spy) if ".mlp.fc1." in k else v) for k, v in prepared.items()}
     y = vit.linear(spied, "blocks.0.mlp.fc1", x, np)
-    # exactly (x B^T) A^T and (x Q^T) P^T: four products, each of a token
-    # array with one factor; no factor-by-factor product (no dense W)
-    assert len(shapes) == 4 and all(len(left) == 3 and len(right) == 2 for left, right in shapes), shapes
+    # exactly (x B^T) A^T and (x Q^T) P^T: four products, each of the 20
+    # token rows (any leading shape) with one factor; no factor-by-factor
+    # product (no dense W)
+    assert len(shapes) == 4 and all(math.prod(left[:-1]) == 20 and len(right) == 2 for left, right in shapes), shapes
     a, b = comp["blocks.0.mlp.fc1.lowrank_a"], comp["blocks.0.mlp.fc1.lowrank_b"]
     p, q = comp["blocks.0.mlp.fc1.residual_p"], comp["blocks.0.mlp.fc1.residual_q"]
     ref = x @ (a @ b + p @ q).T + comp["blocks.0.mlp.fc1.bias"]
