@@ -16,14 +16,11 @@ exact solver at several dampings and by Adam.
 """
 
 import argparse
-import contextlib
-import io
 import json
-import os
 import tempfile
 
-from mrc_ref import compress, metrics
-from mrc_ref.evaluate import model_logits
+from mrc_ref import compress, metrics, report
+from mrc_ref.backend import get_xp
 
 from . import example_data
 
@@ -51,21 +48,18 @@ SWEEP = {
 }
 
 
-def run(reduction, flags, reference, labels, tmp):
-    """Compress the example with ``flags`` and measure it on the test digits;
-    ``None`` when the budget is infeasible for that method."""
-    out, report = os.path.join(tmp, "c.safetensors"), os.path.join(tmp, "c.json")
-    with contextlib.redirect_stdout(io.StringIO()):
-        code = compress.main([example_data.WEIGHTS, example_data.ACTS, "-o", out, "--report", report, "--quiet",
-                              "--reduction", str(reduction), *flags])
-    if code:  # an infeasible budget for this method (its message is on stderr)
+def run(reduction, flags, ev, stage1, tmp):
+    """Compress the example with the ``compress`` options ``flags`` and measure
+    it on the test digits with the report's own row function
+    (:func:`mrc_ref.report.measure`: ``compress_files``, then the forward pass
+    of ``evaluate``); ``None`` when the budget is infeasible for that method."""
+    args = compress.build_parser().parse_args(["--example", "--reduction", str(reduction), *flags])
+    config = compress.config_from_args(args)
+    row, _ = report.measure(example_data.WEIGHTS, example_data.ACTS, config, ev, tmp,
+                            stage1=stage1[config.statistic])
+    if "infeasible" in row:
         return None
-    with open(report) as fh:
-        layers = json.load(fh)["layers"]
-    logits, _ = model_logits(out, example_data.TEST_IMAGES)
-    return {"top1": metrics.topk_accuracy(logits, labels), "top1_agreement": metrics.agreement(logits, reference),
-            "output_nmse": metrics.output_nmse(logits, reference),
-            "max_residual_norm": max(e["residual_norm"] for e in layers)}
+    return {k: row[k] for k in ("top1", "top1_agreement", "output_nmse", "max_residual_norm")}
 
 
 def main(argv=None):
@@ -76,13 +70,16 @@ def main(argv=None):
     parser.add_argument("--damping-sweep", action="store_true",
                         help="rows: the exact solver at damping 0, 1e-4, 1e-3, 1e-2, 1e-1 and Adam")
     args = parser.parse_args(argv)
-    reference, labels = model_logits(example_data.WEIGHTS, example_data.TEST_IMAGES)
+    ev = report.evaluation(example_data.WEIGHTS, example_data.TEST_IMAGES)
+    reference, labels = ev["reference"], ev["labels"]
+    stage1 = report.stage1_results(example_data.WEIGHTS, example_data.ACTS, ev["tensors"], ("gram", "weight"),
+                                   xp=get_xp("cpu"), common={})  # one Stage 1 per layer, shared by every row
     print(json.dumps({"reduction": 0.0, "method": "original", "top1": metrics.topk_accuracy(reference, labels)}))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for reduction in args.reductions:
             for method, flags in (SWEEP if args.damping_sweep else METHODS).items():
-                figures = run(reduction, flags, reference, labels, tmp)
+                figures = run(reduction, flags, ev, stage1, tmp)
                 rows.append((reduction, method, figures))
                 print(json.dumps({"reduction": reduction, "method": method,
                                   **(figures or {"infeasible": True})}), flush=True)

@@ -13,6 +13,10 @@ WEIGHTS, ACTS : str
 CALIB_IMAGES, TEST_IMAGES : str
     Image folders with one sub-folder per class (300 calibration and 497
     held-out test digits).
+SENSITIVITY : str
+    ``sensitivity.json``: per-layer sensitivity weights measured on the
+    calibration digits' proxy tokens by ``python -m data_tools.sensitivity``
+    (for ``compress --sensitivity``; the report's calibrated rows).
 """
 
 import os
@@ -22,6 +26,7 @@ WEIGHTS = os.path.join(EXAMPLE_DIR, "model.safetensors")
 ACTS = os.path.join(EXAMPLE_DIR, "acts.h5")
 CALIB_IMAGES = os.path.join(EXAMPLE_DIR, "images", "calib")
 TEST_IMAGES = os.path.join(EXAMPLE_DIR, "images", "test")
+SENSITIVITY = os.path.join(EXAMPLE_DIR, "sensitivity.json")
 
 
 def example_paths():
