@@ -822,23 +822,26 @@ def document(data, figs, timings):
     d.append(("p", f"**Stage 1**, per layer, on the stored factors of the optimal allocation at reduction "
                    f"{s['at']} without compensation (`mrc_ref.testing.certify_stage1`, an independent "
                    "check): the achieved NMSE of `A B` under the layer's Gram against the optimum "
-                   "`Σ_{i>r} σ_i² / Σ σ_i²` at the same rank, their ratio (1 = optimal; the factors are "
-                   "stored in the weights' dtype), and the largest principal angle to the optimal subspace."))
+                   "`Σ_{i>r} σ_i² / Σ σ_i²` at the same rank, their ratio (1 = optimal, to the precision of the "
+                   "stored factors and statistics: float32 gives about 1e-6), and the largest principal angle to "
+                   "the optimal subspace."))
     d.append(("table", ["layer", "rank", "NMSE achieved", "NMSE optimal", "ratio", "max angle (rad)"],
               [[c["name"], "dense"] + [""] * 4 if c["rank"] is None else
-               [c["name"], str(c["rank"]), _sci(c["nmse"]), _sci(c["nmse_optimal"]), f"{c['excess']:.9f}",
+               [c["name"], str(c["rank"]), _sci(c["nmse"]), _sci(c["nmse_optimal"]), f"{c['excess']:.6f}",
                 "" if c["max_angle"] is None else f"{c['max_angle']:.1e}"] for c in data["certificates"]]))
-    d.append(("p", "**Stage 2**, per rule and reduction: the objective `Σ NMSE_l(r_l)` of the allocation, the "
-                   "exact optimum (dynamic programming) or a proven lower bound, and the relative gap."))
+    d.append(("p", "**Stage 2**, per rule and reduction: the objective of the allocation (`Σ NMSE_l(r_l)`, or "
+                   "`Σ w_l NMSE_l(r_l)` for the calibrated rows), the exact optimum of that objective (dynamic "
+                   "programming) or a proven lower bound, and the relative gap. Compensated rows spend residual "
+                   "rank 8 of the budget, so their objective is that of smaller principal ranks."))
     arows = []
     for r in data["grid"]:
-        if "infeasible" in r or r["method"] not in METHODS or r["method"] == "weight SVD":
+        if "infeasible" in r or r["method"] in CURVE_METHODS or r["method"] == "weight SVD":
             continue
         a = r["allocation"]
-        arows.append([str(r["reduction"]), r["method"], f"{a['objective']:.6g}",
-                      "" if a["lower_bound"] is None else f"{a['lower_bound']:.6g}", a["bound"] or "",
-                      "" if a["relative_gap"] is None else f"{100 * a['relative_gap']:.2f} %"])
-    d.append(("table", ["reduction", "method", "objective", "bound", "bound is", "gap"], arows))
+        arows.append([str(r["reduction"]), r["method"], "Σ w·NMSE" if a.get("weights") == "sensitivity" else "Σ NMSE",
+                      f"{a['objective']:.6g}", "" if a["lower_bound"] is None else f"{a['lower_bound']:.6g}",
+                      a["bound"] or "", "" if a["relative_gap"] is None else f"{100 * a['relative_gap']:.2f} %"])
+    d.append(("table", ["reduction", "method", "objective", "value", "bound", "bound is", "gap"], arows))
 
     d.append(("h", 2, "How this report was made"))
     d.append(("ul", [f"Command: `{data.get('command', PROG)}`.",
