@@ -73,7 +73,7 @@ def quantize(w, xp):
     amax = xp.max(xp.abs(w), axis=1) if w.shape[1] else xp.zeros(w.shape[0], dtype=xp.float64)
     scale = (amax / QMAX).astype(xp.float32)
     tiny = np.float32(np.finfo(np.float32).smallest_subnormal)
-    scale = xp.where((scale == 0) & (amax > 0), tiny, scale).astype(xp.float32)
+    scale = xp.where(scale == 0, xp.where(amax > 0, tiny, 0.0), scale).astype(xp.float32)
     s = scale.astype(xp.float64)[:, None]
     safe = xp.where(s > 0, s, 1.0)
     q = xp.where(s > 0, xp.clip(xp.rint(w / safe), -QMAX, QMAX), 0.0)

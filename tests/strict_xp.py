@@ -311,6 +311,11 @@ def exp(x):
     return _wrap(np.exp(*_arrays(x)))
 
 
+def rint(x):
+    """``cupy.rint``: round half to even, as NumPy."""
+    return _wrap(np.rint(*_arrays(x)))
+
+
 def isfinite(x):
     return _wrap(np.isfinite(*_arrays(x)))
 
@@ -393,13 +398,13 @@ def _svd(a, full_matrices=True, compute_uv=True):
 
 
 xp = types.ModuleType("strict_xp", "A strict CPU double of CuPy (see tests/strict_xp.py).")
-for _fn in (asarray, empty, zeros, zeros_like, eye, outer, concatenate, cumsum, clip, sqrt, exp, isfinite, erf,
+for _fn in (asarray, empty, zeros, zeros_like, eye, outer, concatenate, cumsum, clip, sqrt, exp, rint, isfinite, erf,
             diagonal, reshape, transpose, swapaxes, broadcast_to, mean, argmax, take_along_axis, where):
     setattr(xp, _fn.__name__, _fn)
 # defined as _abs etc. so that the builtins stay usable in this file
 xp.abs, xp.sum, xp.max, xp.all = _abs, _sum, _max, _all
 xp.linalg = types.SimpleNamespace(eigh=_eigh, eigvalsh=_eigvalsh, svd=_svd, solve=_solve)
 xp.finfo = np.finfo  # CuPy re-exports NumPy's
-xp.float32, xp.float64 = np.float32, np.float64  # CuPy's dtypes are NumPy's
+xp.float32, xp.float64, xp.int8 = np.float32, np.float64, np.int8  # CuPy's dtypes are NumPy's
 xp.ndarray = StrictArray
 del _fn

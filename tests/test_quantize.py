@@ -71,6 +71,18 @@ def test_matches_an_independent_implementation(case):
     np.testing.assert_array_equal(q, q_ref)
 
 
+def test_same_codes_under_the_strict_cupy_double():
+    """The device path (tests/strict_xp.py, CuPy's semantics) gives the NumPy codes and scales bit for bit."""
+    from strict_xp import xp as sx
+
+    w = _cases()["edges"]
+    q, s = quantize.quantize(sx.asarray(w), sx)
+    q_np, s_np = quantize.quantize(w, np)
+    np.testing.assert_array_equal(q.get(), q_np)
+    np.testing.assert_array_equal(s.get(), s_np)
+    np.testing.assert_array_equal(quantize.dequantize(q, s, sx).get(), quantize.dequantize(q_np, s_np, np))
+
+
 def test_max_of_each_row_is_code_127():
     rng = np.random.default_rng(1)
     w = rng.standard_normal((6, 10))
