@@ -690,8 +690,7 @@ def figures(data):
     ax1.set_ylabel("top-1 (%)")
     ax2.set_ylabel("output NMSE of the logits")
     ax2.set_yscale("log")
-    fig.legend(*ax2.get_legend_handles_labels(), fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5),
-               frameon=False)
+    ax1.legend(fontsize=7, ncol=2, loc="lower right")
     done("fig5_accuracy_size", fig, "Accuracy–size curve",
          "Top-1 (left) and output NMSE against the original's logits (right) against stored parameters, per rule: "
          "dashed squares without compensation (residual rank 0), solid circles with exact compensation (residual "
