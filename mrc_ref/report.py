@@ -486,9 +486,10 @@ def verdicts(data):
         orig_drop = orig - data["original"]["int8"]["top1"]
         agree = min(r["int8"]["agreement_with_float"] for r in data["grid"]
                     if "infeasible" not in r and r["reduction"] <= 0.6 + 1e-12)
-        measured = (f"int8 top-1 drop: original {_pts(orig_drop)} points; compressed rows at reductions ≤ 0.6 at most "
-                    f"{_pts(worst[2])} points ({worst[1]}, {worst[0]}); top-1 agreement of int8 with the same "
-                    f"float model at least {_pts(agree)} %")
+        largest = (f"at most {_pts(worst[2])} points ({worst[1]}, {worst[0]})" if worst[2] > 0 else
+                   "no loss on any row")
+        measured = (f"int8 top-1 drop: original {_pts(orig_drop)} points; compressed rows at reductions ≤ 0.6: "
+                    f"{largest}; top-1 agreement of int8 with the same float model at least {_pts(agree)} %")
         verdict = ("reproduced in spirit: int8 costs less than 1 point on every compressed row up to 60 %"
                    if worst[2] < 0.01 else "not reproduced: int8 costs 1 point or more on some row up to 60 %")
     else:
