@@ -113,20 +113,25 @@ def test_stage1(statistic, shape):
 
 
 # ---------------------------------------------------------------- Stage 3
+def stage3_problem(seed, xp, r=12):
+    """A 256×64 weight, sequential-style Grams ``C, K, C̃`` and its Stage-1
+    factors at rank ``r``, on ``xp``."""
+    rng = np.random.default_rng(seed)
+    m, n = 256, 64
+    W = rng.standard_normal((m, n)) * np.exp(-np.arange(n) / n)
+    X = synthetic.make_tokens(n, 2000, seed=seed + 1)
+    Xt = X + 0.05 * rng.standard_normal(X.shape)
+    W, C, K, Ct = (xp.asarray(v) for v in (W, X.T @ X, Xt.T @ X, Xt.T @ Xt))
+    A, B = svd.factors(W, svd.output_basis(W, C, xp)[0], r)
+    return W, A, B, {"C": C, "K": K, "Ct": Ct}
+
+
 @pytest.mark.parametrize("mode", ["local", "sequential-grams"])
 def test_compensate(mode):
-    rng = np.random.default_rng(4)
-    m, n, r, q = 256, 64, 12, 8
-    W = rng.standard_normal((m, n)) * np.exp(-np.arange(n) / n)
-    X = synthetic.make_tokens(n, 2000, seed=5)
-    Xt = X + 0.05 * rng.standard_normal(X.shape)
-    grams = {"C": X.T @ X, "K": Xt.T @ X, "Ct": Xt.T @ Xt}
+    m, n, q = 256, 64, 8
     runs = {}
     for xp in (np, cp):
-        g = {k: xp.asarray(v) for k, v in grams.items()}
-        Wx = xp.asarray(W)
-        U, _ = svd.output_basis(Wx, g["C"], xp)
-        A, B = svd.factors(Wx, U, r)
+        Wx, A, B, g = stage3_problem(4, xp)
         P0, Q0 = compensate.init_residual(m, n, q, 0, 5, xp, np.float64)
         extra = {} if mode == "local" else {"K": g["K"], "Ct": g["Ct"]}
         runs[xp] = compensate.compensate(Wx, A, B, P0, Q0, g["C"], steps=100, lr=1e-2, xp=xp, **extra)
@@ -139,16 +144,10 @@ def test_compensate(mode):
 
 @pytest.mark.parametrize("damp", [0.0, 1e-3])
 def test_exact_residual(damp):
-    rng = np.random.default_rng(6)
-    m, n, r, q = 256, 64, 12, 8
-    W = rng.standard_normal((m, n)) * np.exp(-np.arange(n) / n)
-    X = synthetic.make_tokens(n, 2000, seed=7)
-    Xt = X + 0.05 * rng.standard_normal(X.shape)
     out = {}
     for xp in (np, cp):
-        Wx, C, K, Ct = (xp.asarray(v) for v in (W, X.T @ X, Xt.T @ X, Xt.T @ Xt))
-        A, B = svd.factors(Wx, svd.output_basis(Wx, C, xp)[0], r)
-        out[xp] = compensate.solve(Wx, A, B, q, C, K=K, Ct=Ct, damp=damp, xp=xp)
+        Wx, A, B, g = stage3_problem(6, xp)
+        out[xp] = compensate.solve(Wx, A, B, 8, g["C"], K=g["K"], Ct=g["Ct"], damp=damp, xp=xp)
     (P1, Q1, i1), (P2, Q2, i2) = out[np], out[cp]
     assert abs(i1["loss_stage3"] - i2["loss_stage3"]) <= LOSS_RTOL * i1["loss_stage3"]
     close(P1, on_gpu(P2), PROJ_RTOL, scale=1.0)  # canonical signs
