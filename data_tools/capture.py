@@ -343,9 +343,10 @@ def run(weights, images_folder, output, *, max_images=None, shard=(0, 1), proxy_
 
     from mrc_ref.images import list_images
 
-    check_output(output, (weights,))  # fail before the work, not after it
+    paths = list_images(images_folder)[0]
+    check_output(output, (weights, *paths))  # fail before the work, not after it; never over an image
     get_xp(device)  # --device cuda without a GPU fails before anything is read
-    total = len(list_images(images_folder)[0])
+    total = len(paths)
     total = total if max_images is None else min(total, max_images)
     start, stop = shard_bounds(shard[0], shard[1], total)
     with tqdm(total=stop - start, unit="img", file=sys.stderr, disable=True if quiet else None,
@@ -385,7 +386,8 @@ def add_capture_arguments(parser):
                         help=f"images per forward pass (default {DEFAULT_BATCH_SIZE})")
     parser.add_argument("--num-heads", metavar="H", type=int, default=None,
                         help="default: weights metadata, else D // 64")
-    parser.add_argument("--device", choices=DEVICES, default="cpu")
+    parser.add_argument("--device", choices=DEVICES, default="cpu",
+                        help="cpu (NumPy) or cuda (CuPy; checked before any work) (default: %(default)s)")
     parser.add_argument("--dtype", choices=DTYPES, default="float64",
                         help="compute dtype of the forward pass and of each batch's products (default float64; "
                              "sums across batches are float64 always)")
