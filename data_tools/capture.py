@@ -343,9 +343,9 @@ def run(weights, images_folder, output, *, max_images=None, shard=(0, 1), proxy_
 
     from mrc_ref.images import list_images
 
+    get_xp(device)  # --device cuda without a GPU fails before anything is read
     paths = list_images(images_folder)[0]
     check_output(output, (weights, *paths))  # fail before the work, not after it; never over an image
-    get_xp(device)  # --device cuda without a GPU fails before anything is read
     total = len(paths)
     total = total if max_images is None else min(total, max_images)
     start, stop = shard_bounds(shard[0], shard[1], total)
