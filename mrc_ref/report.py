@@ -489,7 +489,8 @@ def verdicts(data):
         largest = (f"at most {_pts(worst[2])} points ({worst[1]}, {worst[0]})" if worst[2] > 0 else
                    "no loss on any row")
         measured = (f"int8 top-1 drop: original {_pts(orig_drop)} points; compressed rows at reductions ≤ 0.6: "
-                    f"{largest}; top-1 agreement of int8 with the same float model at least {_pts(agree)} %")
+                    f"{largest}; top-1 agreement of int8 with the same float model "
+                    + ("100 % on every row" if agree >= 1 else f"at least {_pts(agree)} %"))
         verdict = ("reproduced in spirit: int8 costs less than 1 point on every compressed row up to 60 %"
                    if worst[2] < 0.01 else "not reproduced: int8 costs 1 point or more on some row up to 60 %")
     else:
