@@ -120,22 +120,21 @@ def losses(W, AB, P, Q, consts):
             "residual_norm": (max(sq, 0.0) / float((W * W).sum())) ** 0.5}
 
 
-def _right_solve(R, Ct, delta, xp):
-    """``R C̃_δ⁻¹`` with ``C̃_δ = C̃ + δ I``: an LU solve when ``δ > 0`` (``C̃_δ``
+def _right_solve(R, Ct_d, delta, xp):
+    """``R C̃_δ⁻¹`` for ``C̃_δ = C̃ + δ I``: an LU solve when ``δ > 0`` (``C̃_δ``
     is positive definite); when ``δ = 0`` the pseudo-inverse through
     ``eigh(C̃)``, eigenvalues at or below ``n · eps · λ_max`` taken as zero
     (SciPy ``pinvh``'s default), i.e. the minimum-norm least-squares
     solution when ``C̃`` is singular."""
-    n = Ct.shape[0]
     if delta > 0:
-        return xp.linalg.solve(Ct + delta * xp.eye(n, dtype=Ct.dtype), R.T).T
-    lam, V = xp.linalg.eigh(Ct)
-    keep = lam > n * float(xp.finfo(Ct.dtype).eps) * float(lam[-1])
+        return xp.linalg.solve(Ct_d, R.T).T
+    lam, V = xp.linalg.eigh(Ct_d)
+    keep = lam > Ct_d.shape[0] * float(xp.finfo(Ct_d.dtype).eps) * float(lam[-1])
     inv = xp.where(keep, 1 / xp.where(keep, lam, 1), 0)
     return ((R @ V) * inv) @ V.T
 
 
-def exact(W, A, B, q, consts, xp):
+def exact(W, q, consts, xp):
     """The closed-form optimum of the damped loss at rank ``q``.
 
     With ``R = W Kᵀ − A B C̃`` and ``C̃_δ = C̃ + δ I``, completing the square
@@ -154,22 +153,22 @@ def exact(W, A, B, q, consts, xp):
     Parameters
     ----------
     W : array (m, n)
-    A : array (m, r), B : array (r, n)
+        Original weight (its shape and dtype).
     q : int
     consts : dict
-        From :func:`prepare`.
+        From :func:`prepare` for the frozen ``A, B``.
 
     Returns
     -------
     P : array (m, q)
     Q : array (q, n)
     """
-    R = consts["WKt"] - consts["ABCt"]
-    M = _right_solve(R, consts["Ct"], consts["delta"], xp)
+    Ct, delta = consts["Ct"], consts["delta"]
+    Ct_d = Ct + delta * xp.eye(Ct.shape[0], dtype=Ct.dtype) if delta else Ct
+    M = _right_solve(consts["WKt"] - consts["ABCt"], Ct_d, delta, xp)  # R C̃_δ⁻¹
     if not float(xp.abs(M).max()) > 0:  # nothing left to compensate
         return xp.zeros((W.shape[0], q), dtype=W.dtype), xp.zeros((q, W.shape[1]), dtype=W.dtype)
-    Ct = consts["Ct"]
-    U, _ = svd.output_basis(M, Ct + consts["delta"] * xp.eye(Ct.shape[0], dtype=Ct.dtype), xp)
+    U, _ = svd.output_basis(M, Ct_d, xp)
     P = U[:, :q]
     return P, P.T @ M
 
@@ -201,10 +200,10 @@ def solve(W, A, B, q, C, *, K=None, Ct=None, solver="exact", damp=0.0, steps=500
     consts = prepare(W, A, B, C, K, Ct, damp)
     AB = A @ B
     if solver == "exact":
-        P, Q = exact(W, A, B, q, consts, xp)
+        P, Q = exact(W, q, consts, xp)
     elif solver == "adam":
         P0, Q0 = init_residual(W.shape[0], W.shape[1], q, seed, layer_index, xp, W.dtype)
-        P, Q, _ = compensate(W, A, B, P0, Q0, C, K=K, Ct=Ct, steps=steps, lr=lr, damp=damp, xp=xp)
+        P, Q, _ = _adam(W, AB, P0, Q0, consts, steps, lr, xp)
     else:
         raise MrcError(f"unknown solver {solver!r}; expected one of {', '.join(SOLVERS)}")
     return P, Q, losses(W, AB, P, Q, consts)
@@ -241,10 +240,13 @@ def compensate(W, A, B, P, Q, C, *, K=None, Ct=None, steps=500, lr=1e-2, damp=0.
         Damped loss at every step, on the host; ``history[0]`` is the
         Stage-1 loss.
     """
+    return _adam(W, A @ B, P, Q, prepare(W, A, B, C, K, Ct, damp), steps, lr, xp)
+
+
+def _adam(W, AB, P, Q, consts, steps, lr, xp):
+    """The Adam loop of :func:`compensate` on the constants of :func:`prepare`."""
     if steps < 0:
         raise MrcError(f"steps must be ≥ 0, got {steps}")
-    AB = A @ B
-    consts = prepare(W, A, B, C, K, Ct, damp)
     params = [P.copy(), Q.copy()]
     moments = [[xp.zeros_like(p), xp.zeros_like(p)] for p in params]
     best_loss, best = np.inf, [p.copy() for p in params]
