@@ -12,5 +12,5 @@ from mrc_ref.example import (  # noqa: F401  (re-exported)
     TEST_IMAGES,
     WEIGHTS,
     example_paths,
-    print_accuracy,
+    accuracy_line,
 )

@@ -1,7 +1,7 @@
-"""Accuracy of the embedded example under each method and reduction.
+"""``python -m data_tools.example_table [--reductions 0.3 0.5 0.6 0.7 0.8] [--damping-sweep]``
 
-``python -m data_tools.example_table [--reductions 0.3 0.5 0.6 0.7 0.8]``
-prints one JSON line per (reduction, method) and a Markdown table on the 497
+Accuracy of the embedded example under each method and reduction: prints
+one JSON line per (reduction, method) and a Markdown table on the 497
 held-out test digits: top-1, top-1 agreement with the original model, the
 output NMSE of the logits against the original's, and the largest
 ``‖P Q‖ / ‖W‖`` of the run. Rows: plain weight SVD (uniform ranks), and
@@ -15,65 +15,69 @@ exact solver at several dampings and by Adam.
 0, 1e-4, 1e-3, 1e-2, 1e-1 and Adam (the evidence for the default damping).
 """
 
-import argparse
 import json
+import sys
 import tempfile
 
-from mrc_ref import compress, metrics, report
+from mrc_ref import cli, example, metrics, pipeline
 from mrc_ref.backend import get_xp
+from mrc_ref.report import orchestration
 
-from . import example_data
-
-NONE = ["--compensation", "none"]
-SEQUENTIAL = ["--allocation", "optimal", "--compensation", "sequential"]
+NONE = {"compensation": "none"}
+SEQUENTIAL = {"allocation": "optimal", "compensation": "sequential"}
 
 
 def exact(damp):
-    return SEQUENTIAL + ["--solver", "exact", "--damping", str(damp)]
+    return {**SEQUENTIAL, "solver": "exact", "damping": float(damp)}
 
 
+#: Row label -> the :class:`mrc_ref.pipeline.Config` fields it sets (``compress`` flags of the same names).
 METHODS = {
-    "weight SVD, uniform": ["--statistic", "weight", "--allocation", "uniform", *NONE],
-    "uniform": ["--allocation", "uniform", *NONE],
-    "threshold": ["--allocation", "threshold", *NONE],
-    "greedy": ["--allocation", "greedy", *NONE],
-    "optimal": ["--allocation", "optimal", *NONE],
+    "weight SVD, uniform": {"statistic": "weight", "allocation": "uniform", **NONE},
+    "uniform": {"allocation": "uniform", **NONE},
+    "threshold": {"allocation": "threshold", **NONE},
+    "greedy": {"allocation": "greedy", **NONE},
+    "optimal": {"allocation": "optimal", **NONE},
     **{f"optimal + exact, damping {d:g}": exact(d) for d in (0, 1e-3, 1e-2, 1e-1)},
-    "optimal + adam": SEQUENTIAL + ["--solver", "adam", "--damping", "0"],
+    "optimal + adam": {**SEQUENTIAL, "solver": "adam", "damping": 0.0},
 }
 SWEEP = {
     **{f"optimal + exact, damping {d:g}": exact(d) for d in (0, 1e-4, 1e-3, 1e-2, 1e-1)},
-    "optimal + adam (500 steps, undamped)": SEQUENTIAL + ["--solver", "adam", "--damping", "0"],
-    "optimal, no compensation": ["--allocation", "optimal", *NONE],
+    "optimal + adam (500 steps, undamped)": {**SEQUENTIAL, "solver": "adam", "damping": 0.0},
+    "optimal, no compensation": {"allocation": "optimal", **NONE},
 }
 
 
-def run(reduction, flags, ev, stage1, tmp):
-    """Compress the example with the ``compress`` options ``flags`` and measure
-    it on the test digits with the report's own row function
-    (:func:`mrc_ref.report.measure`: ``compress_files``, then the forward pass
-    of ``evaluate``); ``None`` when the budget is infeasible for that method."""
-    args = compress.build_parser().parse_args(["--example", "--reduction", str(reduction), *flags])
-    config = compress.config_from_args(args)
-    row, _ = report.measure(example_data.WEIGHTS, example_data.ACTS, config, ev, tmp,
-                            stage1=stage1[config.statistic])
+def run(reduction, fields, ev, stage1, tmp):
+    """Compress the example with the options ``fields`` and measure it on the
+    test digits with the report's own row function
+    (:func:`mrc_ref.report.orchestration.measure`: ``compress_files``, then the forward
+    pass of ``evaluate``); ``None`` when the budget is infeasible for that method."""
+    config = pipeline.Config(**fields, reduction=reduction)
+    row, _ = orchestration.measure(example.WEIGHTS, example.ACTS, config, ev, tmp, stage1=stage1[config.statistic])
     if "infeasible" in row:
         return None
     return {k: row[k] for k in ("top1", "top1_agreement", "output_nmse", "max_residual_norm")}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m data_tools.example_table",
-                                     description="Accuracy of the embedded example under each method and reduction.")
+def build_parser():
+    parser = cli.parser("python -m data_tools.example_table", __doc__)
     parser.add_argument("--reductions", type=float, nargs="+", default=[0.3, 0.5, 0.6, 0.7, 0.8],
                         help="fractions of the stored parameters removed (default: %(default)s)")
     parser.add_argument("--damping-sweep", action="store_true",
                         help="rows: the exact solver at damping 0, 1e-4, 1e-3, 1e-2, 1e-1 and Adam")
-    args = parser.parse_args(argv)
-    ev = report.evaluation(example_data.WEIGHTS, example_data.TEST_IMAGES)
+    return parser
+
+
+def main(argv=None):
+    return cli.run(build_parser(), _table, argv)
+
+
+def _table(args):
+    ev = orchestration.evaluation(example.WEIGHTS, example.TEST_IMAGES)
     reference, labels = ev["reference"], ev["labels"]
-    stage1 = report.stage1_results(example_data.WEIGHTS, example_data.ACTS, ev["tensors"], ("gram", "weight"),
-                                   xp=get_xp("cpu"), common={})  # one Stage 1 per layer, shared by every row
+    stage1 = orchestration.stage1_results(example.WEIGHTS, example.ACTS, ev["tensors"], ("gram", "weight"),
+                                  xp=get_xp("cpu"), common={})  # one Stage 1 per layer, shared by every row
     print(json.dumps({"reduction": 0.0, "method": "original", "top1": metrics.topk_accuracy(reference, labels)}))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,8 +93,7 @@ def main(argv=None):
         cells = ("infeasible | | |" if f is None else
                  f"{f['top1']:.2%} | {f['top1_agreement']:.2%} | {f['output_nmse']:.2e} | {f['max_residual_norm']:.3g}")
         print(f"| {reduction} | {method} | {cells} |")
-    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -1,7 +1,6 @@
-"""Calibrated mixed-rank allocation on the embedded example.
+"""``python -m data_tools.sensitivity_table [--reductions 0.6 0.7 0.8]``
 
-``python -m data_tools.sensitivity_table [--reductions 0.6 0.7 0.8]``
-measures the per-layer sensitivity weights of the example from its proxy
+Calibrated mixed-rank allocation on the embedded example: measures the per-layer sensitivity weights of the example from its proxy
 tokens (the 300 calibration digits; ``data_tools.sensitivity``), then
 compresses it with the uniform, the optimal (``Σ NMSE``) and the optimal
 calibrated (``Σ w·NMSE``, ``--sensitivity``) allocations, each without
@@ -17,41 +16,40 @@ each predictor with the measured held-out output NMSE, across all runs and
 per compensation. Nothing is tuned on the test digits: they are only measured.
 """
 
-import argparse
-import contextlib
-import io
 import json
 import os
+import sys
 import tempfile
 
 from scipy.stats import spearmanr
 
-from mrc_ref import compress, formats, metrics
+from mrc_ref import cli, example, formats, metrics, pipeline
+from mrc_ref.compress import compress_files
+from mrc_ref.errors import InfeasibleBudget
 from mrc_ref.evaluate import model_logits
 
-from . import example_data, sensitivity
+from . import sensitivity
 
-ALLOCATIONS = {"uniform": ["--allocation", "uniform"], "optimal": ["--allocation", "optimal"],
-               "optimal + sensitivity": ["--allocation", "optimal", "--sensitivity"]}
-COMPENSATIONS = {"none": ["--compensation", "none"],
-                 "sequential exact, q=8": ["--compensation", "sequential", "--residual-rank", "8"],
-                 "sequential exact, q=4": ["--compensation", "sequential", "--residual-rank", "4"]}
+#: Allocation label -> (Config fields, whether the sensitivity file is used).
+ALLOCATIONS = {"uniform": ({"allocation": "uniform"}, False), "optimal": ({"allocation": "optimal"}, False),
+               "optimal + sensitivity": ({"allocation": "optimal"}, True)}
+COMPENSATIONS = {"none": {"compensation": "none"},
+                 "sequential exact, q=8": {"compensation": "sequential", "residual_rank": 8},
+                 "sequential exact, q=4": {"compensation": "sequential", "residual_rank": 4}}
 PREDICTORS = {"Σ w·NMSE": "predicted_weighted", "Σ NMSE": "predicted_unweighted",
               "Σ w·NMSE after stage 3": "predicted_weighted_stage3"}
 
 
-def run(reduction, flags, weights, reference, labels, tmp):
-    """Compress the example with ``flags``; return the held-out figures and
-    both predictors, or ``None`` when the budget is infeasible."""
-    out, report = os.path.join(tmp, "c.safetensors"), os.path.join(tmp, "c.json")
-    with contextlib.redirect_stdout(io.StringIO()):
-        code = compress.main([example_data.WEIGHTS, example_data.ACTS, "-o", out, "--report", report, "--quiet",
-                              "--reduction", str(reduction), *flags])
-    if code:
+def run(config, sens, weights, reference, labels, tmp):
+    """Compress the example with ``config`` (and the sensitivity file
+    ``sens``, or None); return the held-out figures and both predictors, or
+    ``None`` when the budget is infeasible."""
+    out = os.path.join(tmp, "c.safetensors")
+    try:
+        rep = compress_files(example.WEIGHTS, example.ACTS, out, config, sensitivity=sens)
+    except InfeasibleBudget:
         return None
-    with open(report) as fh:
-        rep = json.load(fh)
-    logits, _ = model_logits(out, example_data.TEST_IMAGES)
+    logits, _ = model_logits(out, example.TEST_IMAGES)
     layers = rep["layers"]
     return {"top1": metrics.topk_accuracy(logits, labels), "output_nmse": metrics.output_nmse(logits, reference),
             "predicted_weighted": sum(weights[e["name"]] * e["nmse_stage1"] for e in layers),
@@ -60,24 +58,30 @@ def run(reduction, flags, weights, reference, labels, tmp):
             "layers_factored": rep["totals"]["layers_factored"]}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m data_tools.sensitivity_table",
-                                     description="Calibrated mixed-rank allocation on the embedded example.")
+def build_parser():
+    parser = cli.parser("python -m data_tools.sensitivity_table", __doc__)
     parser.add_argument("--reductions", type=float, nargs="+", default=[0.6, 0.7, 0.8],
                         help="fractions of the stored parameters removed (default: %(default)s)")
-    args = parser.parse_args(argv)
-    reference, labels = model_logits(example_data.WEIGHTS, example_data.TEST_IMAGES)
+    return parser
+
+
+def main(argv=None):
+    return cli.run(build_parser(), _table, argv)
+
+
+def _table(args):
+    reference, labels = model_logits(example.WEIGHTS, example.TEST_IMAGES)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         sens = os.path.join(tmp, "sensitivity.json")
-        _, seconds = sensitivity.run(example_data.WEIGHTS, example_data.ACTS, sens)
+        _, seconds = sensitivity.run(example.WEIGHTS, example.ACTS, sens)
         weights = {k: v["weight"] for k, v in formats.read_sensitivity(sens)["layers"].items()}
         print(json.dumps({"sensitivity_seconds": seconds, "weights": weights}), flush=True)
         for reduction in args.reductions:
-            for comp, cflags in COMPENSATIONS.items():
-                for method, aflags in ALLOCATIONS.items():
-                    flags = aflags + ([sens] if aflags[-1] == "--sensitivity" else []) + cflags
-                    figures = run(reduction, flags, weights, reference, labels, tmp)
+            for comp, cfields in COMPENSATIONS.items():
+                for method, (afields, calibrated) in ALLOCATIONS.items():
+                    config = pipeline.Config(**afields, **cfields, reduction=reduction)
+                    figures = run(config, sens if calibrated else None, weights, reference, labels, tmp)
                     rows.append((reduction, comp, method, figures))
                     print(json.dumps({"reduction": reduction, "compensation": comp, "method": method,
                                       **(figures or {"infeasible": True})}), flush=True)
@@ -98,8 +102,7 @@ def main(argv=None):
         rho = {label: spearmanr([r[3][key] for r in members], measured).statistic for label, key in PREDICTORS.items()}
         print(f"Spearman with the held-out output NMSE, {group} ({len(members)} runs): "
               + ", ".join(f"{label} {value:.3f}" for label, value in rho.items()))
-    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -1,9 +1,8 @@
-"""Train the small embedded example ViT on scikit-learn's handwritten digits.
+"""``python -m data_tools.train_example [--out DIR] [--epochs N]``
 
-Run once, from the repository root, to (re)generate ``mrc_ref/example/``::
-
-    pip install scikit-learn "torch==2.13.0"
-    python -m data_tools.train_example
+Train the small embedded example ViT on scikit-learn's handwritten digits
+and write it, with its images, into mrc_ref/example/ (run once, from the
+repository root, after ``pip install scikit-learn "torch==2.13.0"``).
 
 Writes ``mrc_ref/example/images/{calib,test}/<class>/NNNN.png`` (NNNN is
 the index in ``sklearn.datasets.load_digits``), ``model.safetensors``
@@ -15,7 +14,6 @@ scikit-learn and torch are needed by this script only; the package never
 imports it.
 """
 
-import argparse
 import math
 import os
 import shutil
@@ -27,6 +25,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a file: make ``data_tools`` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from mrc_ref import cli  # noqa: E402
 from mrc_ref.example import EXAMPLE_DIR  # noqa: E402
 from mrc_ref.formats import write_safetensors  # noqa: E402
 from mrc_ref.images import IMAGENET_MEAN, IMAGENET_STD, eval_transform, iter_batches, list_images  # noqa: E402
@@ -294,11 +293,18 @@ returns, as a reference for an independent forward pass.
 """
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser():
+    parser = cli.parser("python -m data_tools.train_example", __doc__)
     parser.add_argument("--out", default=EXAMPLE_DIR, help="output folder (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=EPOCHS)
-    args = parser.parse_args(argv)
+    parser.add_argument("--epochs", type=cli.positive_int, default=EPOCHS, help="training epochs (default: %(default)s)")
+    return parser
+
+
+def main(argv=None):
+    return cli.run(build_parser(), _train, argv)
+
+
+def _train(args):
 
     import sklearn
     import torch
@@ -367,7 +373,6 @@ def main(argv=None):
         os.path.relpath(p, test_dir) for p in list_images(test_dir)[0]
     ]
     print(f"wrote {args.out} and {LOGITS_TMP} in {time.time() - t0:.0f} s")
-    return 0
 
 
 if __name__ == "__main__":

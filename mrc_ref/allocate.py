@@ -21,7 +21,12 @@ from fractions import Fraction
 
 import numpy as np
 
-from .errors import MrcError
+from .errors import InfeasibleBudget, MrcError
+
+__all__ = ["ALLOCATIONS", "MAX_DP_CELLS", "allocate", "optimal", "greedy", "threshold", "uniform",
+           "fixed_rank", "local_search", "lp_bound", "objective", "weighted", "relative_gap",
+           "parameter_budget", "break_even_rank", "layer_params", "total_params", "compressible",
+           "min_params", "check_budget"]
 
 
 def parameter_budget(p_total, reduction):
@@ -67,13 +72,13 @@ def min_params(shapes, q, fixed):
 def check_budget(shapes, q, fixed, budget):
     """Raise :class:`MrcError` if ``budget`` is below :func:`min_params`."""
     if not any(compressible(shapes, q)):
-        raise MrcError(
+        raise InfeasibleBudget(
             f"no selected layer can be compressed with residual rank {q} "
             "(break-even rank ⌊mn/(m+n)⌋ − q must exceed 1)"
         )
     floor = min_params(shapes, q, fixed)
     if budget < floor:
-        raise MrcError(
+        raise InfeasibleBudget(
             f"budget of {budget} parameters is infeasible: the smallest reachable size "
             f"is {floor} parameters (every selected layer at rank 1 with residual rank {q})"
         )
@@ -308,6 +313,21 @@ def optimal(nmse, shapes, q, fixed, budget, max_cells=None):
     lower_bound : float
         A proven lower bound of the optimum: the optimum itself when exact.
     exact : bool
+
+    Examples
+    --------
+    On two layers, the same optimum as trying every pair of ranks:
+
+    >>> import itertools
+    >>> import numpy as np
+    >>> shapes = [(8, 6), (6, 10)]
+    >>> curves = [np.linspace(1, 0, 7) ** 2, np.linspace(1, 0, 7) ** 3]
+    >>> budget = 70
+    >>> ranks, bound, exact = optimal(curves, shapes, 0, 0, budget)
+    >>> pairs = itertools.product([None, 1, 2], [None, 1, 2])
+    >>> best = min(objective(curves, p) for p in pairs if total_params(shapes, p, 0, 0) <= budget)
+    >>> exact, objective(curves, ranks) == best == bound
+    (True, True)
     """
     check_budget(shapes, q, fixed, budget)
     options = [_layer_options(c, m, n, q) for c, (m, n) in zip(nmse, shapes)]

@@ -7,7 +7,9 @@ the array module ``xp`` as an argument; arrays reach the host only through
 
 import numpy as np
 
-from .errors import MrcError
+from .errors import ConfigError
+
+__all__ = ["DEVICES", "DTYPES", "get_xp", "device_name", "get_dtype", "array_module", "to_device", "to_host"]
 
 DEVICES = ("cpu", "cuda")
 DTYPES = {"float64": np.float64, "float32": np.float32}
@@ -24,29 +26,33 @@ def get_xp(device="cpu"):
 
     Raises
     ------
-    MrcError
+    ConfigError
         When ``device`` is unknown, or ``"cuda"`` is asked for without CuPy
         or without a usable GPU (before any work is done).
     """
     if device == "cpu":
         return np
     if device != "cuda":
-        raise MrcError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
+        raise ConfigError("device", f"must be one of {', '.join(DEVICES)}, got {device!r}")
     try:
         import cupy
     except Exception as exc:  # ImportError, or a broken CUDA install
-        raise MrcError(
-            "--device cuda needs CuPy (pip install -e .[gpu]), which failed to import: "
-            f"{type(exc).__name__}: {exc}"
-        ) from None
+        raise ConfigError("device", "cuda needs CuPy (pip install -e .[gpu]), which failed to import: "
+                          f"{type(exc).__name__}: {exc}") from None
     try:
         count = cupy.cuda.runtime.getDeviceCount()
         if count < 1:
             raise RuntimeError("no CUDA device found")
         cupy.zeros(1).sum().item()
     except Exception as exc:
-        raise MrcError(f"--device cuda: no usable GPU ({type(exc).__name__}: {exc})") from None
+        raise ConfigError("device", f"cuda: no usable GPU ({type(exc).__name__}: {exc})") from None
     return cupy
+
+
+def device_name(xp):
+    """The device an array module stands for: ``"cpu"`` for NumPy, else
+    ``"cuda"`` (CuPy, or the strict CPU double that the tests put in its place)."""
+    return "cpu" if xp is np else "cuda"
 
 
 def get_dtype(name):
@@ -54,7 +60,7 @@ def get_dtype(name):
     try:
         return DTYPES[name]
     except KeyError:
-        raise MrcError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}") from None
+        raise ConfigError("dtype", f"must be one of {', '.join(DTYPES)}, got {name!r}") from None
 
 
 def array_module(a):

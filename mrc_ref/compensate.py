@@ -18,7 +18,7 @@ the Gram alone; ``sequential`` mode passes the Grams of the original and the
 already-compressed model's inputs.
 
 Two solvers: :func:`exact`, the closed-form optimum (default), and
-:func:`compensate`, Adam with analytic gradients (the paper's procedure),
+:func:`adam`, Adam with analytic gradients (the paper's procedure),
 whose loss approaches the exact one from above.
 """
 
@@ -26,6 +26,9 @@ import numpy as np
 
 from . import svd
 from .errors import MrcError
+
+__all__ = ["SOLVERS", "DEFAULT_DAMP", "solve", "exact", "adam", "damping", "init_residual", "prepare",
+           "loss_and_grads", "losses"]
 
 #: Adam's constants (Kingma & Ba defaults).
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
@@ -162,6 +165,22 @@ def exact(W, q, consts, xp):
     -------
     P : array (m, q)
     Q : array (q, n)
+
+    Examples
+    --------
+    Undamped, in local mode, ``A B + P Q`` is Stage 1 at rank ``r + q``:
+
+    >>> import numpy as np
+    >>> from mrc_ref import svd
+    >>> rng = np.random.default_rng(0)
+    >>> X, W = rng.standard_normal((40, 8)), rng.standard_normal((10, 8))
+    >>> C = X.T @ X
+    >>> U, _ = svd.output_basis(W, C, np)
+    >>> A, B = svd.factors(W, U, 2)
+    >>> P, Q = exact(W, 3, prepare(W, A, B, C), np)
+    >>> A5, B5 = svd.factors(W, U, 5)
+    >>> bool(np.allclose(A @ B + P @ Q, A5 @ B5))
+    True
     """
     Ct, delta = consts["Ct"], consts["delta"]
     Ct_d = Ct + delta * xp.eye(Ct.shape[0], dtype=Ct.dtype) if delta else Ct
@@ -209,7 +228,7 @@ def solve(W, A, B, q, C, *, K=None, Ct=None, solver="exact", damp=0.0, steps=500
     return P, Q, losses(W, AB, P, Q, consts)
 
 
-def compensate(W, A, B, P, Q, C, *, K=None, Ct=None, steps=500, lr=1e-2, damp=0.0, xp):
+def adam(W, A, B, P, Q, C, *, K=None, Ct=None, steps=500, lr=1e-2, damp=0.0, xp):
     """Train the residual ``P, Q`` by Adam on the damped normalized output loss.
 
     Parameters
@@ -244,7 +263,7 @@ def compensate(W, A, B, P, Q, C, *, K=None, Ct=None, steps=500, lr=1e-2, damp=0.
 
 
 def _adam(W, AB, P, Q, consts, steps, lr, xp):
-    """The Adam loop of :func:`compensate` on the constants of :func:`prepare`."""
+    """The Adam loop of :func:`adam` on the constants of :func:`prepare`."""
     if steps < 0:
         raise MrcError(f"steps must be ≥ 0, got {steps}")
     params = [P.copy(), Q.copy()]

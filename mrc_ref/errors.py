@@ -1,4 +1,13 @@
-"""The one exception type for user errors (bad input)."""
+"""User errors (bad input), by type, and the one-line description of a bad value.
+
+Every exception here is a :class:`MrcError`: the command lines print it as
+one line and exit with code 2. Anything else that escapes is a bug in
+mrc_ref and stays a traceback.
+"""
+
+import numpy as np
+
+__all__ = ["MrcError", "ConfigError", "InfeasibleBudget", "UnsupportedVersion", "describe"]
 
 
 class MrcError(ValueError):
@@ -32,6 +41,62 @@ class MrcError(ValueError):
         parts.append(self.message)
         return ": ".join(parts).replace("\n", " ")
 
+    def _copy(self, **kw):
+        """The same error (same type and extra fields) with other context."""
+        return type(self)(self.message, file=kw.get("file", self.file), layer=kw.get("layer", self.layer))
+
     def at(self, *, file=None, layer=None):
         """Return a copy with the missing file/layer context filled in."""
-        return MrcError(self.message, file=self.file or file, layer=self.layer or layer)
+        return self._copy(file=self.file or file, layer=self.layer or layer)
+
+
+class ConfigError(MrcError):
+    """An option out of range or inconsistent, named by its field (of
+    :class:`mrc_ref.pipeline.Config`, or a function's keyword).
+
+    ``str(err)`` is ``"<field> <problem>"``; a command line names the flag
+    instead (``--residual-rank`` for ``residual_rank``).
+
+    Parameters
+    ----------
+    field : str
+        The option's name.
+    problem : str
+        What is wrong with it, e.g. ``"must be in (0, 1), got 1.5"``.
+    """
+
+    def __init__(self, field, problem, *, file=None, layer=None):
+        self.field = field
+        self.problem = str(problem)
+        super().__init__(f"{field} {self.problem}", file=file, layer=layer)
+
+    def _copy(self, **kw):
+        return ConfigError(self.field, self.problem, file=kw.get("file", self.file), layer=kw.get("layer", self.layer))
+
+    def with_name(self, name):
+        """The message with the option called ``name`` (e.g. a flag)."""
+        return ConfigError(name, self.problem, file=self.file, layer=self.layer)
+
+
+class InfeasibleBudget(MrcError):
+    """A parameter budget below the smallest size the selected layers can reach."""
+
+
+class UnsupportedVersion(MrcError):
+    """A file whose format version this release of mrc_ref does not read."""
+
+
+def describe(value, limit=60):
+    """A short one-line description of a value read from a file, for messages.
+
+    Examples
+    --------
+    >>> describe(None), describe([1, 2]), describe(np.zeros((2, 3)))
+    ('null', '[1, 2]', 'an array of shape (2, 3)')
+    """
+    if isinstance(value, np.ndarray):
+        return f"an array of shape {value.shape}"
+    if value is None:
+        return "null"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

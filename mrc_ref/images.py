@@ -16,6 +16,10 @@ import numpy as np
 
 from mrc_ref.errors import MrcError
 
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DEFAULT_SIZE", "DEFAULT_CROP_PCT", "IMAGE_EXTENSIONS",
+           "MAX_PIXELS", "list_images", "iter_batches", "load_image", "eval_transform", "resize_shorter",
+           "model_input_size"]
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_SIZE = 224

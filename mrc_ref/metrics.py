@@ -1,7 +1,13 @@
-"""Evaluation metrics over logits (host arrays)."""
+"""Evaluation metrics over logits (host arrays).
+
+Every comparison takes ``(logits, reference)``: the model's logits first,
+the reference model's second.
+"""
 
 import numpy as np
 from scipy.special import log_softmax
+
+__all__ = ["topk_accuracy", "agreement", "mean_kl", "output_nmse", "summarize"]
 
 
 def topk_accuracy(logits, labels, k=1):
@@ -22,8 +28,9 @@ def agreement(logits, reference):
     return float(np.mean(np.argmax(logits, axis=1) == np.argmax(reference, axis=1)))
 
 
-def mean_kl(reference, logits):
-    """Mean ``KL(p_ref ‖ p)`` over rows, ``p = softmax(logits)`` (nats)."""
+def mean_kl(logits, reference):
+    """Mean ``KL(p_ref ‖ p)`` over rows, ``p = softmax(logits)``,
+    ``p_ref = softmax(reference)`` (nats)."""
     log_ref = log_softmax(np.asarray(reference, dtype=np.float64), axis=1)
     log_p = log_softmax(np.asarray(logits, dtype=np.float64), axis=1)
     return float(np.mean(np.sum(np.exp(log_ref) * (log_ref - log_p), axis=1)))
@@ -43,6 +50,6 @@ def summarize(logits, labels=None, reference=None):
         out["top5"] = topk_accuracy(logits, labels, 5)
     if reference is not None:
         out["top1_agreement"] = agreement(logits, reference)
-        out["mean_kl"] = mean_kl(reference, logits)
+        out["mean_kl"] = mean_kl(logits, reference)
         out["output_nmse"] = output_nmse(logits, reference)
     return out

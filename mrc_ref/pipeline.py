@@ -14,8 +14,11 @@ import re
 import numpy as np
 
 from . import allocate, compensate, sensitivity, stats, svd, vit
-from .backend import get_dtype, to_host
-from .errors import MrcError
+from .backend import DEVICES, DTYPES, device_name, get_dtype, to_host
+from .errors import ConfigError, MrcError, describe
+
+__all__ = ["Config", "DEFAULT_LAYERS", "COMPENSATIONS", "MAX_LR", "run", "stage1", "check_config",
+           "select_layers", "count_params"]
 
 #: The timm ViT block linears, in forward order within a block.
 DEFAULT_LAYERS = tuple(f"blocks.*.{leaf}" for leaf in vit.BLOCK_LINEARS)
@@ -59,13 +62,45 @@ class Config:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
 
-#: The largest ``--lr`` accepted: Adam moves every entry of ``P`` and ``Q`` by
+#: The largest ``lr`` accepted: Adam moves every entry of ``P`` and ``Q`` by
 #: about ``lr`` per step, far beyond the scale of any weight above 1.
 MAX_LR = 1.0
 
 
+def _check_types(config):
+    """Each field of ``config`` has its declared type: a choice is one of its
+    names, a count an ``int`` (never a ``bool``), a real a finite number,
+    ``layers`` a sequence of non-empty strings, ``local_search`` a ``bool``.
+    The fields may come from a file (a stored configuration), not only from
+    a command line."""
+    choices = {"statistic": stats.STATISTICS, "allocation": allocate.ALLOCATIONS,
+               "compensation": COMPENSATIONS + ("auto",), "solver": compensate.SOLVERS, "dtype": DTYPES,
+               "device": DEVICES}
+    for name, names in choices.items():
+        value = getattr(config, name)
+        if not isinstance(value, str) or value not in names:
+            raise ConfigError(name, f"must be one of {', '.join(names)}, got {describe(value)}")
+    for name in ("rank_step", "residual_rank", "steps", "seed", "rank"):
+        value = getattr(config, name)
+        if (value is not None or name != "rank") and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise ConfigError(name, f"must be an integer, got {describe(value)}")
+    for name in ("reduction", "damping", "lr"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ConfigError(name, f"must be a number, got {describe(value)}")
+        if not math.isfinite(value):
+            raise ConfigError(name, f"must be a finite number, got {value}")
+    if not isinstance(config.local_search, bool):
+        raise ConfigError("local_search", f"must be true or false, got {describe(config.local_search)}")
+    layers = config.layers
+    if isinstance(layers, str) or not isinstance(layers, (tuple, list)) \
+            or not all(isinstance(p, str) and p for p in layers):
+        raise ConfigError("layers", f"must be a list of non-empty glob patterns, got {describe(layers)}")
+
+
 def check_config(config):
-    """Raise :class:`MrcError` for option values out of range.
+    """Raise :class:`~mrc_ref.errors.ConfigError`, naming the field, for an
+    option of the wrong type or out of range.
 
     Every floating-point field of :class:`Config`, whatever it is, must be
     finite (no NaN or infinity reaches the math, the metadata or the report).
@@ -73,36 +108,28 @@ def check_config(config):
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and not math.isfinite(value):
-            raise MrcError(f"--{field.name.replace('_', '-')} must be a finite number, got {value}")
-    if config.statistic not in stats.STATISTICS:
-        raise MrcError(f"unknown statistic {config.statistic!r}; expected one of {', '.join(stats.STATISTICS)}")
-    if config.allocation not in allocate.ALLOCATIONS:
-        raise MrcError(f"unknown allocation {config.allocation!r}; expected one of {', '.join(allocate.ALLOCATIONS)}")
-    if config.compensation not in COMPENSATIONS + ("auto",):
-        raise MrcError(f"unknown compensation {config.compensation!r}; expected auto or one of {', '.join(COMPENSATIONS)}")
+            raise ConfigError(field.name, f"must be a finite number, got {value}")
+    _check_types(config)
     if not 0 < config.reduction < 1:
-        raise MrcError(f"--reduction must be in (0, 1), got {config.reduction}")
+        raise ConfigError("reduction", f"must be in (0, 1), got {config.reduction}")
     if config.rank is not None and config.rank < 1:
-        raise MrcError(f"--rank must be ≥ 1, got {config.rank}")
+        raise ConfigError("rank", f"must be ≥ 1, got {config.rank}")
     if config.rank_step < 1:
-        raise MrcError(f"--rank-step must be ≥ 1, got {config.rank_step}")
+        raise ConfigError("rank_step", f"must be ≥ 1, got {config.rank_step}")
     if config.residual_rank < 0:
-        raise MrcError(f"--residual-rank must be ≥ 0, got {config.residual_rank}")
-    if config.solver not in compensate.SOLVERS:
-        raise MrcError(f"unknown solver {config.solver!r}; expected one of {', '.join(compensate.SOLVERS)}")
+        raise ConfigError("residual_rank", f"must be ≥ 0, got {config.residual_rank}")
     if not config.damping >= 0:
-        raise MrcError(f"--damping must be ≥ 0, got {config.damping}")
+        raise ConfigError("damping", f"must be ≥ 0, got {config.damping}")
     if config.steps < 0:
-        raise MrcError(f"--steps must be ≥ 0, got {config.steps}")
+        raise ConfigError("steps", f"must be ≥ 0, got {config.steps}")
     if config.seed < 0:
-        raise MrcError(f"--seed must be ≥ 0, got {config.seed}")
+        raise ConfigError("seed", f"must be ≥ 0, got {config.seed}")
     if not 0 < config.lr <= MAX_LR:
-        raise MrcError(f"--lr must be positive and at most {MAX_LR:g}, got {config.lr}")
-    get_dtype(config.dtype)
+        raise ConfigError("lr", f"must be positive and at most {MAX_LR:g}, got {config.lr}")
     if config.sensitivity is not None:
         sensitivity.check_weights(config.sensitivity)
     if not config.layers:
-        raise MrcError("--layers selects no pattern")
+        raise ConfigError("layers", "selects no pattern")
 
 
 _VIT_ORDER = {leaf: i for i, leaf in enumerate(vit.BLOCK_LINEARS)}
@@ -128,7 +155,7 @@ def select_layers(tensors, patterns):
              if k.endswith(".weight") and v.ndim == 2 and np.issubdtype(v.dtype, np.floating)]
     chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     if not chosen:
-        raise MrcError(f"--layers {','.join(patterns)} matches no 2-D '<name>.weight' tensor")
+        raise ConfigError("layers", f"{','.join(patterns)} matches no 2-D '<name>.weight' tensor")
     return sorted(chosen, key=_order_key)
 
 
@@ -267,8 +294,8 @@ def _run(tensors, load_stats, config, xp, progress, sequential, files, cache=Non
     if compensation == "auto":
         compensation = "sequential" if sequential is not None else "local"
     if compensation == "sequential" and sequential is None:
-        raise MrcError("--compensation sequential needs proxy tokens ('proxy/tokens' in the activations file)",
-                       file=files[1])
+        raise ConfigError("compensation", "sequential needs proxy tokens ('proxy/tokens' in the activations file)",
+                          file=files[1])
     q = 0 if compensation == "none" else config.residual_rank
     names = select_layers(tensors, config.layers)
     shapes = [tuple(int(s) for s in tensors[n + ".weight"].shape) for n in names]
@@ -357,7 +384,8 @@ def _run(tensors, load_stats, config, xp, progress, sequential, files, cache=Non
 
     p_after = count_params(out)
     report = {
-        "config": {**config.to_json(), "compensation": compensation, "residual_rank": q},
+        "config": {**config.to_json(), "compensation": compensation, "residual_rank": q,
+                   "device": device_name(xp)},  # the device that ran, whatever config.device said
         "layers": layers,
         "allocation": {
             "rule": "fixed rank" if config.rank is not None else config.allocation,

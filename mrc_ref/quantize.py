@@ -1,5 +1,5 @@
-"""int8 post-training quantization of factors and dense weights (METHOD.md,
-"Quantization compatibility"). Pure functions over ``xp`` arrays; no file I/O.
+"""int8 post-training quantization of factors and dense weights (docs/math.md,
+"int8 post-training quantization"). Pure functions over ``xp`` arrays; no file I/O.
 
 Symmetric, per output channel, min–max scale **[choice]**: a 2-D tensor
 ``w`` (rows × cols) is stored as int8 ``q`` and one float32 scale per row
@@ -33,6 +33,9 @@ Layout (docs/formats.md, "int8 tensors"): ``<key>`` int8 and
 import numpy as np
 
 from .errors import MrcError
+
+__all__ = ["SCHEME", "QMAX", "SCALE_SUFFIX", "MATRIX_SUFFIXES", "quantize", "dequantize", "quantize_tensors",
+           "dequantize_tensors", "quantized_keys", "quantizable_keys", "linear_layers", "storage_bytes"]
 
 #: Name of the scheme, recorded in a quantized file's metadata.
 SCHEME = "int8-symmetric-per-channel"

@@ -27,6 +27,8 @@ import numpy as np
 
 from .errors import MrcError
 
+__all__ = ["check_weight", "check_weights", "default_weight", "layer_weights", "fit", "per_layer"]
+
 
 def _is_number(value):
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))

@@ -14,6 +14,8 @@ from . import compensate, vit
 from .backend import get_dtype, to_host
 from .errors import MrcError
 
+__all__ = ["BATCH_IMAGES", "compensate_sequential", "make_sequential"]
+
 
 def _stage(name):
     """Where layer ``name`` runs: its block index, or ``None`` for the head."""

@@ -9,6 +9,9 @@ import numpy as np
 from .errors import MrcError
 from .svd import PSD_RTOL
 
+__all__ = ["SYMMETRY_RTOL", "FLOAT_DTYPES", "STATISTICS", "accumulate_gram", "check_declared", "validate",
+           "metric", "metric_gram", "metric_per_image", "metric_mean_input", "metric_weight"]
+
 #: Relative tolerance of the symmetry check, ``max|C - Cᵀ| <= tol * max|C|``;
 #: loose enough for Grams summed and stored in float32.
 SYMMETRY_RTOL = 1e-5

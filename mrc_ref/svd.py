@@ -11,6 +11,8 @@ of ``C`` is used, so a singular ``C`` is fine.
 
 from .errors import MrcError
 
+__all__ = ["PSD_RTOL", "output_basis", "canonical_signs", "nmse_curve", "energy_curve", "factors", "nmse"]
+
 #: An eigenvalue below ``-PSD_RTOL * max eigenvalue`` means the metric is not
 #: positive semi-definite (round-off of a PSD float64 matrix is ~1e-16 relative;
 #: float32-stored Grams reach ~1e-7).
@@ -76,6 +78,21 @@ def output_basis(W, C, xp):
     ------
     MrcError
         If ``C`` is not positive semi-definite or ``W C Wᵀ = 0``.
+
+    Examples
+    --------
+    ``U`` has orthonormal columns, and the spectrum is that of ``W C Wᵀ``,
+    for a tall ``W`` (the ``W S`` route) as for a wide one:
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.standard_normal((50, 6))
+    >>> for W in (rng.standard_normal((9, 6)), rng.standard_normal((4, 6))):
+    ...     U, s2 = output_basis(W, X.T @ X, np)
+    ...     G = W @ X.T @ X @ W.T
+    ...     print(np.allclose(U.T @ U, np.eye(U.shape[1])), np.allclose(U * s2 @ U.T, G))
+    True True
+    True True
     """
     m, n = W.shape
     if m <= n:

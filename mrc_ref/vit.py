@@ -29,9 +29,14 @@ import re
 
 import numpy as np
 
-from . import quantize
+from . import layout, quantize
 from .backend import array_module, to_device
-from .errors import MrcError
+from .errors import ConfigError, MrcError
+
+__all__ = ["LN_EPS", "HEAD_SIZE", "BLOCK_LINEARS", "HEAD_LINEARS", "forward", "prepare", "embed_dim",
+           "resolve_num_heads", "block_index", "depth", "has_linear", "linear_names", "linear",
+           "erf_function", "gelu", "layer_norm", "softmax", "patchify", "embed", "attention", "mlp", "block",
+           "blocks", "head"]
 
 LN_EPS = 1e-6
 HEAD_SIZE = 64
@@ -115,19 +120,19 @@ def resolve_num_heads(params, num_heads=None, metadata=None):
         origin, value = "metadata num_heads", metadata["num_heads"]
     else:
         if dim < HEAD_SIZE or dim % HEAD_SIZE:
-            raise MrcError(
-                f"cannot infer num_heads for width {dim} (not a multiple of head size {HEAD_SIZE}); "
-                "give --num-heads"
-            )
+            raise ConfigError("num_heads", f"cannot be inferred for width {dim} (not a multiple of head size "
+                                           f"{HEAD_SIZE}): give it")
         return dim // HEAD_SIZE
+    error = (lambda problem: ConfigError("num_heads", problem)) if num_heads is not None else \
+        (lambda problem: MrcError(f"{origin} {problem}"))
     try:
         heads = int(str(value).strip()) if not isinstance(value, (int, np.integer)) else int(value)
     except ValueError:
-        raise MrcError(f"{origin} must be an integer, got {value!r}") from None
+        raise error(f"must be an integer, got {value!r}") from None
     if heads < 1:
-        raise MrcError(f"{origin} must be positive, got {heads}")
+        raise error(f"must be positive, got {heads}")
     if dim % heads:
-        raise MrcError(f"{origin} = {heads} does not divide the model width {dim}")
+        raise error(f"= {heads} does not divide the model width {dim}")
     return heads
 
 
@@ -155,7 +160,7 @@ def depth(params):
 
 def has_linear(params, name):
     """Whether linear layer ``name`` is present, dense or compressed."""
-    return f"{name}.weight" in params or f"{name}.lowrank_a" in params
+    return layout.has_layer(params, name)
 
 
 def linear_names(params):
@@ -208,61 +213,22 @@ def linear(params, name, x, xp, *, bias=True):
         y = linear(params, name, xp.reshape(x, (math.prod(lead), x.shape[-1])), xp, bias=bias)
         return xp.reshape(y, lead + (y.shape[-1],))
     n = x.shape[-1]
-    if f"{name}.weight" in params:
+    if layout.layer_form(params, name) == "dense":
         w = params[f"{name}.weight"]
         if w.ndim != 2 or w.shape[1] != n:
             raise MrcError(f"weight has shape {tuple(w.shape)}, input has {n} features", layer=name)
         y = x @ w.T
-    elif f"{name}.lowrank_a" in params:
-        a = params[f"{name}.lowrank_a"]
-        b = params.get(f"{name}.lowrank_b")
-        if b is None:
-            raise MrcError("has lowrank_a but no lowrank_b", layer=name)
-        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0] or b.shape[1] != n:
-            raise MrcError(
-                f"factors lowrank_a {tuple(a.shape)} and lowrank_b {tuple(b.shape)} "
-                f"do not chain for {n} input features",
-                layer=name,
-            )
-        y = (x @ b.T) @ a.T
-        p = params.get(f"{name}.residual_p")
-        q = params.get(f"{name}.residual_q")
-        if (p is None) != (q is None):
-            raise MrcError("needs both residual_p and residual_q, or neither", layer=name)
-        if p is not None:
-            if p.ndim != 2 or q.ndim != 2 or p.shape[1] != q.shape[0] or q.shape[1] != n or p.shape[0] != a.shape[0]:
-                raise MrcError(
-                    f"residual_p {tuple(p.shape)} and residual_q {tuple(q.shape)} do not match "
-                    f"lowrank_a {tuple(a.shape)} and {n} input features",
-                    layer=name,
-                )
-            y = y + (x @ q.T) @ p.T
     else:
-        raise MrcError("missing: no weight and no lowrank_a/lowrank_b", layer=name)
+        a, b, p, q = layout.factors(params, name, n=n)
+        y = (x @ b.T) @ a.T
+        if p is not None:
+            y = y + (x @ q.T) @ p.T
     if bias and f"{name}.bias" in params:
         b = params[f"{name}.bias"]
         if tuple(b.shape) != (y.shape[-1],):
             raise MrcError(f"bias has shape {tuple(b.shape)}, expected ({y.shape[-1]},)", layer=name)
         y = y + b
     return y
-
-
-def dense_weight(params, name, xp):
-    """The (m, n) weight of linear layer ``name``: ``W``, or ``A B + P Q``.
-
-    For statistics, :func:`mrc_ref.formats.densify` and tests; the forward
-    pass never densifies.
-    """
-    if f"{name}.weight" in params:
-        return params[f"{name}.weight"]
-    if f"{name}.lowrank_a" not in params or f"{name}.lowrank_b" not in params:
-        raise MrcError("missing: no weight and no lowrank_a/lowrank_b", layer=name)
-    w = params[f"{name}.lowrank_a"] @ params[f"{name}.lowrank_b"]
-    if (f"{name}.residual_p" in params) != (f"{name}.residual_q" in params):
-        raise MrcError("needs both residual_p and residual_q, or neither", layer=name)
-    if f"{name}.residual_p" in params:
-        w = w + params[f"{name}.residual_p"] @ params[f"{name}.residual_q"]
-    return w
 
 
 def erf_function(xp):

@@ -19,6 +19,9 @@ import pytest
 
 from data_tools import synthetic
 
+#: Benchmarks are scripts (run by hand, they may need torch); --doctest-modules must not import them.
+collect_ignore_glob = ["benchmarks/*"]
+
 #: A wall-clock cap for one command-line run (the synthetic model takes < 1 s).
 CLI_TIMEOUT = 120
 

@@ -1,6 +1,24 @@
-"""Helpers shared by the backend-parity tests (strict double, GPU)."""
+"""Helpers shared by several test files: Stage 1 on any array module (the
+backend-parity tests) and the list of command-line modules."""
 
+import importlib
+import pkgutil
+
+import data_tools
+import mrc_ref
 from mrc_ref import stats, svd
+
+
+def command_modules():
+    """Every command-line module of mrc_ref and data_tools: the modules that
+    define both ``build_parser`` and ``main`` (``python -m`` entry points)."""
+    found = []
+    for package in (mrc_ref, data_tools):
+        for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+            module = importlib.import_module(info.name)
+            if callable(getattr(module, "build_parser", None)) and callable(getattr(module, "main", None)):
+                found.append(info.name)
+    return sorted(found)
 
 
 def stage_one(xp, raw, weight, statistic, rank):

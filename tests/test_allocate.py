@@ -262,6 +262,40 @@ def test_lp_bound_is_a_lower_bound_and_its_rounding_is_feasible():
             assert al.objective(curves, ranks) >= best - 1e-12
 
 
+def linprog_relaxation(curves, shapes, q, fixed, budget):
+    """The LP relaxation of the multiple-choice knapsack, over every option (not
+    only the hull), by SciPy's HiGHS: x_{l,o} ∈ [0, 1], Σ_o x_{l,o} = 1 per
+    layer, Σ cost · x ≤ budget − fixed, minimise Σ NMSE · x."""
+    from scipy.optimize import linprog
+
+    costs, errors, layer = [], [], []
+    for l, (c, (m, n)) in enumerate(zip(curves, shapes)):
+        for r in options([(m, n)], q)[0]:
+            costs.append(al.layer_params(m, n, r, q))
+            errors.append(0.0 if r is None else float(c[r]))
+            layer.append(l)
+    equal = np.array([[1.0 if layer[j] == l else 0.0 for j in range(len(costs))] for l in range(len(shapes))])
+    res = linprog(errors, A_ub=[costs], b_ub=[budget - fixed], A_eq=equal, b_eq=np.ones(len(shapes)),
+                  bounds=(0, 1), method="highs")
+    assert res.status == 0, res.message
+    return res.fun
+
+
+def test_lp_bound_equals_scipy_linprog_on_small_problems():
+    """An independent oracle for the bound: the same LP solved by SciPy over
+    every option. The hull-and-slopes solution of lp_bound must reach its optimum."""
+    checked = 0
+    for seed in range(40):
+        shapes, curves, q, fixed = tiny_problem(seed)
+        if not any(al.compressible(shapes, q)):
+            continue
+        for b in budgets(shapes, q, fixed):
+            bound, _ = al.lp_bound(curves, shapes, q, fixed, b)
+            assert bound == pytest.approx(linprog_relaxation(curves, shapes, q, fixed, b), rel=1e-9, abs=1e-12)
+            checked += 1
+    assert checked > 50
+
+
 def test_lp_bound_by_hand():
     """One 8×8 layer, q = 0: hull points (16, NMSE(1)), (32, NMSE(2)),
     (48, NMSE(3)), (64, 0). A budget of 40 lies halfway along the segment

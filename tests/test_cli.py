@@ -13,7 +13,9 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from helpers import command_modules
 from mrc_ref import allocate, stats
+from mrc_ref.errors import ConfigError
 
 STEPS = "20"  # Adam steps per layer: enough to move, small enough to be fast
 SELECTED = [f"blocks.{b}.{k}" for b in range(2) for k in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
@@ -433,7 +435,7 @@ BAD = {
 }
 
 
-# ------------------------------------------------------------------ bad input: hardening (issue 9)
+# ------------------------------------------------------------------ bad input: hardening
 def _weight(weights, layer):
     return load_file(weights)[layer + ".weight"].astype(np.float64)
 
@@ -722,7 +724,7 @@ def test_smallest_size_is_exact(synthetic_model, run_cli, tmp_path, read_header,
     assert stored_params(out) == smallest
 
 
-# ------------------------------------------------------------------ half-precision weights (issue 9, item 8)
+# ------------------------------------------------------------------ half-precision weights
 def _to_half_file(src, dst, code):
     """Rewrite every float32 tensor of ``src`` as ``code`` (``"F16"``, or
     ``"BF16"``: the upper 16 bits of each float32, so the values are exact
@@ -778,22 +780,35 @@ def test_half_precision_weights(synthetic_model, run_cli, tmp_path, raw_tensors,
     assert raw["blocks.0.attn.qkv.lowrank_a"][0] == stored
 
 
-# ------------------------------------------------------------------ option values and help (issue 9, items 9-10)
+# ------------------------------------------------------------------ option values and help
 def test_every_float_option_must_be_finite():
     """Every floating-point field of Config, present or added later, refuses
     NaN and ±Inf with a message naming its option."""
     import dataclasses
 
     from mrc_ref import pipeline
-    from mrc_ref.errors import MrcError
 
     default = pipeline.Config()
     floats = [f.name for f in dataclasses.fields(default) if isinstance(getattr(default, f.name), float)]
     assert {"lr", "reduction"} <= set(floats)
     for name in floats:
         for bad in (math.inf, -math.inf, math.nan):
-            with pytest.raises(MrcError, match=f"^--{name.replace('_', '-')} must be a finite number, got"):
+            with pytest.raises(ConfigError, match=f"^{name} must be a finite number, got") as info:
                 pipeline.check_config(dataclasses.replace(default, **{name: bad}))
+            assert info.value.field == name
+
+
+def test_option_errors_name_the_flag(synthetic_model, run_cli, tmp_path):
+    """The library names a Config field (residual_rank); the command line
+    names its flag (--residual-rank), in one line, exit code 2."""
+    weights, acts = synthetic_model
+    res = run_cli(weights, acts, "-o", tmp_path / "o.safetensors", "--residual-rank", "-1")
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "python -m mrc_ref.compress: error: --residual-rank must be ≥ 0, got -1"]
+    from mrc_ref import pipeline
+
+    with pytest.raises(ConfigError, match="^residual_rank must be ≥ 0, got -1$"):
+        pipeline.check_config(pipeline.Config(residual_rank=-1))
 
 
 class _Parsed(Exception):
@@ -814,25 +829,13 @@ def _parser_of(module, monkeypatch):
     return info.value.args[0]
 
 
-def _cli_modules():
-    import importlib
-    import pkgutil
-
-    import mrc_ref
-
-    found = []
-    for info in pkgutil.iter_modules(mrc_ref.__path__):
-        module = importlib.import_module(f"mrc_ref.{info.name}")
-        if callable(getattr(module, "main", None)):
-            found.append(module.__name__)
-    return found
-
-
 def test_cli_modules_found():
-    assert {"mrc_ref.compress", "mrc_ref.evaluate"} <= set(_cli_modules())
+    found = set(command_modules())
+    assert {"mrc_ref.compress.__main__", "mrc_ref.evaluate.__main__", "mrc_ref.verify.__main__",
+            "mrc_ref.report.__main__", "data_tools.capture.__main__", "data_tools.merge.__main__"} <= found
 
 
-@pytest.mark.parametrize("module", _cli_modules())
+@pytest.mark.parametrize("module", command_modules())
 def test_every_option_has_help_and_the_description_is_whole(module, monkeypatch):
     import argparse
 

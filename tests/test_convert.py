@@ -279,7 +279,7 @@ def bad_runs(tmp_path_factory):
         out = out or d / "out.safetensors"
         if case == "no-torch":  # torch made unimportable in the child
             cmd = [sys.executable, "-c", "import sys; sys.modules['torch'] = None; "
-                   "from data_tools.convert import main; sys.exit(main(sys.argv[1:]))"]
+                   "from data_tools.convert.__main__ import main; sys.exit(main(sys.argv[1:]))"]
         else:
             cmd = [sys.executable, "-m", "data_tools.convert"]
         before = (src.read_bytes(), sorted(os.listdir(d)))

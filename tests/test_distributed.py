@@ -17,6 +17,8 @@ pytest.importorskip("distributed", reason='needs dask.distributed: pip install -
 from distributed import Client, LocalCluster  # noqa: E402
 
 from data_tools import capture, distributed, merge  # noqa: E402
+from data_tools.distributed import __main__ as distributed_cli  # noqa: E402
+from data_tools.merge import __main__ as merge_cli  # noqa: E402
 from data_tools.synthetic import random_vit  # noqa: E402
 from mrc_ref import formats  # noqa: E402
 from mrc_ref.errors import MrcError  # noqa: E402
@@ -99,7 +101,7 @@ def test_cluster_capture_equals_single_process_capture(cluster, inputs, shards):
 def test_command_line_on_the_cluster(cluster, inputs, tmp_path, capsys):
     weights, folder = inputs
     out, ref = tmp_path / "acts.h5", tmp_path / "ref.h5"
-    rc = distributed.main([weights, folder, "-o", str(out), "--dask", cluster[0].scheduler_address,
+    rc = distributed_cli.main([weights, folder, "-o", str(out), "--dask", cluster[0].scheduler_address,
                            "--max-images", "7", "--proxy-images", str(PROXY), "--quiet"])
     assert rc == 0, capsys.readouterr().err
     capture.run(weights, folder, str(ref), max_images=7, proxy_images=PROXY, quiet=True)
@@ -114,7 +116,7 @@ def test_command_line_on_the_cluster(cluster, inputs, tmp_path, capsys):
     assert_same_capture(got, read(ref))
     assert got[2]["merged_shards"] == 2  # default: one shard per worker thread
     # the cluster's result is a complete capture: the merge accepts it alone
-    assert merge.main([str(out), "-o", str(tmp_path / "again.h5"), "--quiet"]) == 0
+    assert merge_cli.main([str(out), "-o", str(tmp_path / "again.h5"), "--quiet"]) == 0
 
 
 def test_errors_on_workers_reach_the_client_as_one_line(cluster, inputs, tmp_path, capsys):
@@ -126,7 +128,7 @@ def test_errors_on_workers_reach_the_client_as_one_line(cluster, inputs, tmp_pat
     (bad / "05.png").write_bytes(b"not a png")
     with pytest.raises(MrcError, match="05.png: cannot read image"):
         distributed.capture_on_cluster(cluster[1], weights, str(bad), shards=3)
-    rc = distributed.main([weights, str(bad), "-o", str(tmp_path / "x.h5"), "--dask", cluster[0].scheduler_address,
+    rc = distributed_cli.main([weights, str(bad), "-o", str(tmp_path / "x.h5"), "--dask", cluster[0].scheduler_address,
                            "--shards", "30", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "--shards must be between 1 and the number of images (9)" in err

@@ -31,7 +31,7 @@ def test_metrics_by_hand():
     assert metrics.agreement(logits, reference) == 0.5
     p = np.exp(reference) / np.exp(reference).sum(1, keepdims=True)
     r = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    assert metrics.mean_kl(reference, logits) == pytest.approx(np.mean(np.sum(p * np.log(p / r), 1)), rel=1e-12)
+    assert metrics.mean_kl(logits, reference) == pytest.approx(np.mean(np.sum(p * np.log(p / r), 1)), rel=1e-12)
     assert metrics.mean_kl(logits, logits) == pytest.approx(0, abs=1e-15)
     assert metrics.output_nmse(logits, reference) == pytest.approx(
         np.sum((logits - reference) ** 2) / np.sum(reference**2))
@@ -124,7 +124,7 @@ def test_reference_with_other_classes_and_bad_crop_exit_2(small_folder, tmp_path
         assert len(res.stderr.strip().splitlines()) == 1 and words in res.stderr
 
 
-# ------------------------------------------------------------------ hardening (issue 9, items 4 and 11)
+# ------------------------------------------------------------------ hardening
 def _png_header_only(path, width, height):
     """A greyscale PNG that declares ``width × height`` but holds almost no
     pixel data: enough for Pillow to read its size (the header), and cheap

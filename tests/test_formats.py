@@ -15,7 +15,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from data_tools import synthetic
-from mrc_ref import formats, pipeline
+from mrc_ref import formats, layout, pipeline
 from mrc_ref.compress import compress_files
 from mrc_ref.errors import MrcError
 
@@ -277,7 +277,7 @@ def test_compressed_layout(compressed, odd_model):
         assert tensors[name + ".lowrank_b"].shape == (r, n)
         assert tensors[name + ".residual_p"].shape == (m, q)
         assert tensors[name + ".residual_q"].shape == (q, n)
-        for s in formats.FACTOR_SUFFIXES:
+        for s in layout.FACTOR_SUFFIXES:
             assert tensors[f"{name}.{s}"].dtype == W.dtype
             expected.add(f"{name}.{s}")
         assert name + ".bias" in tensors
@@ -302,7 +302,7 @@ def test_densify_equals_factor_products(compressed, odd_model):
     original = odd_model[2]
     assert set(dense) == set(original)
     for name, (r, q) in _factor_layout(tensors).items():
-        f = {s: tensors[f"{name}.{s}"].astype(np.float64) for s in formats.FACTOR_SUFFIXES}
+        f = {s: tensors[f"{name}.{s}"].astype(np.float64) for s in layout.FACTOR_SUFFIXES}
         ref = f["lowrank_a"] @ f["lowrank_b"] + f["residual_p"] @ f["residual_q"]
         assert dense[name + ".weight"].dtype == original[name + ".weight"].dtype
         np.testing.assert_allclose(dense[name + ".weight"], ref.astype(np.float32), rtol=1e-6, atol=1e-9)
@@ -425,7 +425,7 @@ def test_write_safetensors_failing_midway_leaves_no_file(tmp_path, monkeypatch, 
     target = tmp_path / "out.safetensors"
     if existing:
         target.write_bytes(b"previous content")
-    monkeypatch.setattr(formats, "open", _failing_open, raising=False)
+    monkeypatch.setattr(formats.tensors, "open", _failing_open, raising=False)
     with pytest.raises(MrcError, match="cannot write: .*simulated"):  # a user error, not a traceback
         formats.write_safetensors(target, ROUND_TRIP, {"a": "b"})
     monkeypatch.undo()
@@ -435,7 +435,7 @@ def test_write_safetensors_failing_midway_leaves_no_file(tmp_path, monkeypatch, 
 
 
 def test_write_json_failing_midway_leaves_no_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(formats, "open", _failing_open, raising=False)
+    monkeypatch.setattr(formats.documents, "open", _failing_open, raising=False)
     with pytest.raises(MrcError, match="cannot write: .*simulated"):
         formats.write_json(tmp_path / "r.json", {"a": list(range(100))})
     monkeypatch.undo()
@@ -518,7 +518,7 @@ def test_compress_files_never_overwrites_an_input(model_copy, snapshot):
     assert snapshot(os.path.dirname(weights)) == before
 
 
-# ------------------------------------------------------------------ hardening (issue 9)
+# ------------------------------------------------------------------ hardening
 #: bfloat16 bit patterns and their values, worked out by hand: sign, 8-bit
 #: exponent (bias 127), 7-bit fraction.
 BF16_TABLE = [

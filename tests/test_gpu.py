@@ -45,7 +45,7 @@ from helpers import stage_one
 
 from data_tools import example_data, synthetic
 from data_tools.capture import capture_statistics
-from mrc_ref import backend, compensate, formats, pipeline, stats, svd, vit
+from mrc_ref import backend, compensate, formats, layout, pipeline, stats, svd, vit
 from mrc_ref.errors import MrcError
 from mrc_ref.sequential import make_sequential
 
@@ -134,7 +134,7 @@ def test_compensate(mode):
         Wx, A, B, g = stage3_problem(4, xp)
         P0, Q0 = compensate.init_residual(m, n, q, 0, 5, xp, np.float64)
         extra = {} if mode == "local" else {"K": g["K"], "Ct": g["Ct"]}
-        runs[xp] = compensate.compensate(Wx, A, B, P0, Q0, g["C"], steps=100, lr=1e-2, xp=xp, **extra)
+        runs[xp] = compensate.adam(Wx, A, B, P0, Q0, g["C"], steps=100, lr=1e-2, xp=xp, **extra)
     (P1, Q1, h1), (P2, Q2, h2) = runs[np], runs[cp]
     assert isinstance(h2, np.ndarray) and h2.min() < h2[0]
     close(h1, h2, LOSS_RTOL)
@@ -163,7 +163,7 @@ def _example_float64():
 
 def dense(tensors, name):
     """``W`` of layer ``name`` in a host state dict: the weight, or ``A B + P Q``."""
-    return vit.dense_weight(tensors, name, np)
+    return layout.dense_weight(tensors, name, np)
 
 
 def _run(xp, compensation):

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 
 from data_tools import capture, merge
+from data_tools.capture import __main__ as capture_cli
+from data_tools.merge import __main__ as merge_cli
 from data_tools.synthetic import random_vit
 from mrc_ref import formats, stats
 
@@ -91,7 +93,7 @@ def assert_close(got, want, what, rtol=RTOL):
 
 
 def run_merge(capsys, *args):
-    rc = merge.main([str(a) for a in args] + ["--quiet"])
+    rc = merge_cli.main([str(a) for a in args] + ["--quiet"])
     return rc, capsys.readouterr().err
 
 
@@ -113,7 +115,7 @@ def test_parse_shard(text, want):
 
 @pytest.mark.parametrize("text", ["3/3", "1/0", "0/0", "-1/2", "1", "a/b", "1/2/3", "1.0/2", ""])
 def test_bad_shard_is_a_one_line_error(text, setup, capsys, tmp_path):
-    rc = capture.main([setup["weights"], setup["images"], "-o", str(tmp_path / "x.h5"), f"--shard={text}", "--quiet"])
+    rc = capture_cli.main([setup["weights"], setup["images"], "-o", str(tmp_path / "x.h5"), f"--shard={text}", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1, err
     assert err.startswith("python -m data_tools.capture: error: --shard") and "0-based" in err
@@ -121,7 +123,7 @@ def test_bad_shard_is_a_one_line_error(text, setup, capsys, tmp_path):
 
 
 def test_empty_shard_is_refused(setup, capsys, tmp_path):
-    rc = capture.main([setup["weights"], setup["images"], "-o", str(tmp_path / "x.h5"), "--shard", "0/4",
+    rc = capture_cli.main([setup["weights"], setup["images"], "-o", str(tmp_path / "x.h5"), "--shard", "0/4",
                        "--max-images", "3", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "is empty" in err, err
@@ -187,7 +189,7 @@ def test_combine_in_memory_is_order_free(setup):
 
 
 def test_merged_statistics_feed_compress(setup, tmp_path, capsys):
-    from mrc_ref import compress
+    from mrc_ref.compress import __main__ as compress
 
     acts = tmp_path / "acts.h5"
     assert run_merge(capsys, *setup[3], "-o", acts)[0] == 0

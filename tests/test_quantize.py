@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from data_tools.synthetic import random_vit
-from mrc_ref import compress, formats, quantize, vit
+from mrc_ref import formats, quantize, vit
+from mrc_ref.compress import __main__ as compress
 from mrc_ref.errors import MrcError
 
 

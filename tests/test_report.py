@@ -16,7 +16,11 @@ import pytest
 
 from data_tools import capture
 from data_tools.synthetic import make_model
-from mrc_ref import compress, evaluate, formats, pipeline, report, svd
+from mrc_ref import formats, pipeline, svd
+from mrc_ref.compress import __main__ as compress
+from mrc_ref.evaluate import __main__ as evaluate
+from mrc_ref.report import __main__ as report_cli
+from mrc_ref.report import grid, orchestration
 from mrc_ref.errors import MrcError
 
 try:
@@ -102,7 +106,7 @@ def made(inputs, tmp_path_factory):
     try:
         stdout = io.StringIO()
         with contextlib.redirect_stdout(stdout):
-            code = report.main([inputs["weights"], inputs["acts"], inputs["images"], "-o", str(out), *ARGS,
+            code = report_cli.main([inputs["weights"], inputs["acts"], inputs["images"], "-o", str(out), *ARGS,
                                 "--sensitivity", inputs["sensitivity"]])
     finally:
         pipeline._stage1 = original
@@ -150,7 +154,7 @@ def test_projected_energy_is_the_output_nmse_of_the_projection():
     X = rng.standard_normal((40, 7)) @ rng.standard_normal((7, 7))
     C = X.T @ X
     U, _ = svd.output_basis(W, np.eye(7), np)  # plain weight SVD basis
-    energy = report.projected_energy(W, C, U, np)
+    energy = orchestration.projected_energy(W, C, U, np)
     for r in range(U.shape[1] + 1):
         assert energy[r] == pytest.approx(1 - svd.nmse(W, U[:, :r] @ U[:, :r].T @ W, C, np), abs=1e-12)
 
@@ -265,7 +269,7 @@ def test_original_int8_equals_evaluate_of_the_quantized_file(made, inputs, tmp_p
 def test_tables_and_certificates(made):
     data = made["data"]
     methods = {r["method"] for r in data["grid"]}
-    assert set(report.METHODS) | set(report.CURVE_METHODS) | set(report.SENSITIVITY_METHODS) == methods
+    assert set(grid.METHODS) | set(grid.CURVE_METHODS) | set(grid.SENSITIVITY_METHODS) == methods
     assert data["sensitivity"]["weights"]["blocks.1.mlp.fc2"] == pytest.approx(2.6)
     assert {r["reduction"] for r in data["grid"]} == {0.3, 0.6}
     for cert in data["certificates"]:
@@ -282,7 +286,7 @@ def test_tables_and_certificates(made):
 
 # ----------------------------------------------------------------- bad input
 def _run_main(argv, capsys):
-    code = report.main(argv)
+    code = report_cli.main(argv)
     captured = capsys.readouterr()
     return code, captured.err.strip().splitlines()
 
@@ -353,9 +357,9 @@ def test_bad_input_from_the_shell_no_traceback(tmp_path):
 
 
 def test_measure_reports_infeasible_budgets(inputs, tmp_path):
-    ev = report.evaluation(inputs["weights"], inputs["images"])
-    row, tensors = report.measure(inputs["weights"], inputs["acts"], pipeline.Config(reduction=0.99), ev, str(tmp_path))
+    ev = orchestration.evaluation(inputs["weights"], inputs["images"])
+    row, tensors = orchestration.measure(inputs["weights"], inputs["acts"], pipeline.Config(reduction=0.99), ev, str(tmp_path))
     assert "is infeasible" in row["infeasible"] and tensors is None
-    with pytest.raises(MrcError, match="unknown compensation"):  # other errors are not swallowed
-        report.measure(inputs["weights"], inputs["acts"], pipeline.Config(statistic="mean-input", reduction=0.3,
+    with pytest.raises(MrcError, match="compensation must be one of"):  # other errors are not swallowed
+        orchestration.measure(inputs["weights"], inputs["acts"], pipeline.Config(statistic="mean-input", reduction=0.3,
                                                                           compensation="bogus"), ev, str(tmp_path))

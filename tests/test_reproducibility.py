@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from data_tools import example_data
-from mrc_ref import formats
+from mrc_ref import formats, layout
 
 #: Relative Frobenius distance allowed between runs, per layer, in float64.
 #: Measured: 1.1e-12 on the densified weights, 2.4e-12 on the stored factors.
@@ -43,7 +43,7 @@ def test_blas_thread_count_does_not_change_the_weights(tmp_path):
     one, _ = formats.read_safetensors(runs["1"][0])
     two, _ = formats.read_safetensors(runs["2"][0])
     assert sorted(one) == sorted(two)
-    factors = [k for k in one if k.endswith(formats.FACTOR_SUFFIXES)]
+    factors = [k for k in one if k.endswith(layout.FACTOR_SUFFIXES)]
     assert any(k.endswith("residual_p") for k in factors)
     for key in factors:
         assert relative(one[key], two[key]) <= RUN_TO_RUN_RTOL, key

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 
 from data_tools import sensitivity as producer
+from data_tools.sensitivity import __main__ as producer_cli
 from data_tools import synthetic
 from data_tools.capture import capture_statistics
 from mrc_ref import allocate as al
-from mrc_ref import compress, formats, pipeline, sensitivity, svd, vit
+from mrc_ref import formats, pipeline, sensitivity, svd, vit
+from mrc_ref.compress import __main__ as compress
 from mrc_ref.errors import MrcError
 
 HEADS = 4
@@ -324,7 +326,7 @@ def test_compress_cli_with_sensitivity(synthetic_model, run_cli, tmp_path, read_
 # ------------------------------------------------------------------ data_tools.sensitivity on a synthetic ViT
 #: The layer whose weight and bias are scaled by 0.1: its output is a tenth of
 #: the residual stream's, so its end-to-end sensitivity (and that of the fc1
-#: feeding it) falls by about 100× — the mechanism of issue 12 in miniature.
+#: feeding it) falls by about 100× — the mechanism of the calibrated allocation in miniature.
 QUIET = "blocks.0.mlp.fc2"
 #: Stated tolerance: at held-out ranks (between the measured ones) every
 #: prediction w_l · NMSE_l(r) is within a factor 2 of the measured end-to-end
@@ -450,7 +452,7 @@ def test_block_passes():
 
 def test_command_line_writes_a_file_compress_reads(vit_case, tmp_path, capsys):
     out = str(tmp_path / "sens.json")
-    code = producer.main([vit_case["weights"], vit_case["acts"], "-o", out, "--quiet", "--layers",
+    code = producer_cli.main([vit_case["weights"], vit_case["acts"], "-o", out, "--quiet", "--layers",
                           "blocks.1.*,head", "--points", "2", "--max-images", "12", "--batch-size", "5"])
     assert code == 0, capsys.readouterr().err
     doc = formats.read_sensitivity(out)
@@ -505,7 +507,7 @@ def test_bad_producer_input(name, vit_case, tmp_path, snapshot, capsys):
     files = {"weights": vit_case["weights"], "acts": change.get("acts", vit_case["acts"]),
              "output": change.get("output", str(tmp_path / "sens.json"))}
     before = snapshot(str(tmp_path)), snapshot(os.path.dirname(vit_case["weights"]))
-    code = producer.main([files["weights"], files["acts"], "-o", files["output"], "--quiet",
+    code = producer_cli.main([files["weights"], files["acts"], "-o", files["output"], "--quiet",
                           *change.get("extra", [])])
     stdout, err = capsys.readouterr()
     assert code == 2 and stdout == "" and len(err.splitlines()) == 1, err

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from data_tools import synthetic
-from mrc_ref import compensate, formats, pipeline, vit
+from mrc_ref import compensate, formats, layout, pipeline, vit
 from mrc_ref.sequential import make_sequential
 
 
@@ -43,10 +43,10 @@ def test_loss_at_start_and_end_match_the_definition(run):
         mixed = dict(tensors)
         for earlier in order[:i]:
             del mixed[earlier + ".weight"]
-            mixed.update({f"{earlier}.{s}": out[f"{earlier}.{s}"] for s in formats.FACTOR_SUFFIXES})
+            mixed.update({f"{earlier}.{s}": out[f"{earlier}.{s}"] for s in layout.FACTOR_SUFFIXES})
         X, Xt = inputs(tensors, name), inputs(mixed, name)
         W = tensors[name + ".weight"].astype(np.float64)
-        A, B, P, Q = (out[f"{name}.{s}"].astype(np.float64) for s in formats.FACTOR_SUFFIXES)
+        A, B, P, Q = (out[f"{name}.{s}"].astype(np.float64) for s in layout.FACTOR_SUFFIXES)
         Y = X @ W.T
         start = np.sum((Y - Xt @ (A @ B).T) ** 2) / np.sum(Y**2)
         end = np.sum((Y - Xt @ (A @ B + P @ Q).T) ** 2) / np.sum(Y**2)

@@ -198,7 +198,7 @@ def test_compensate(mode):
         A, B = svd.factors(xp.asarray(W), U, r)
         P0, Q0 = compensate.init_residual(m, n, q, 0, 3, xp, np.float64)
         extra = {} if mode == "local" else {"K": xp.asarray(K), "Ct": xp.asarray(Ct)}
-        P, Q, history = compensate.compensate(xp.asarray(W), A, B, P0, Q0, xp.asarray(C), steps=20, lr=1e-2,
+        P, Q, history = compensate.adam(xp.asarray(W), A, B, P0, Q0, xp.asarray(C), steps=20, lr=1e-2,
                                               xp=xp, **extra)
         runs[xp.__name__] = (P, Q, history)
     (P1, Q1, h1), (P2, Q2, h2) = runs["numpy"], runs["strict_xp"]

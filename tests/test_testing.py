@@ -140,7 +140,7 @@ def test_ties_keep_the_nmse_but_not_the_subspace():
     mixed = np.column_stack([U[:, 0], c * U[:, 1] + s * U[:, 2]])
     cert = testing.certify_stage1(W, C, mixed, mixed.T @ W)
     assert cert["excess"] == pytest.approx(1, abs=1e-12)
-    assert cert["relative_gap"] == pytest.approx(0, abs=1e-12)
+    assert cert["eigen_gap"] == pytest.approx(0, abs=1e-12)
     testing.assert_stage1_optimal(W, C, mixed, mixed.T @ W)
     with pytest.raises(AssertionError, match="product A B"):
         testing.assert_factorization_close(mixed, mixed.T @ W, U[:, :2], U[:, :2].T @ W)

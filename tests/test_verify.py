@@ -14,7 +14,8 @@ import pytest
 import scipy.linalg
 
 from data_tools import synthetic
-from mrc_ref import formats, pipeline, verify
+from mrc_ref import formats, pipeline
+from mrc_ref.verify import __main__ as verify
 from mrc_ref.compress import compress_files
 
 PREFIX = "python -m mrc_ref.verify: "
@@ -236,7 +237,7 @@ def test_the_command_line_in_a_subprocess(model, tmp_path):
 
 @pytest.mark.slow
 def test_the_embedded_example_with_sequential_compensation_passes(tmp_path, capsys):
-    from data_tools.example_data import example_paths
+    from mrc_ref.example import example_paths
 
     weights, acts = example_paths()
     out = str(tmp_path / "example.compressed.safetensors")

@@ -336,7 +336,7 @@ def test_resolve_num_heads():
     with pytest.raises(MrcError, match="must be positive"):
         vit.resolve_num_heads(p128, 0)
     p32 = random_params(rng, dim=32, mlp=8, depth=1)
-    with pytest.raises(MrcError, match="cannot infer num_heads"):
+    with pytest.raises(MrcError, match="num_heads cannot be inferred"):
         vit.resolve_num_heads(p32)
     with pytest.raises(MrcError, match="does not divide"):
         vit.forward(p32, images_for(p32, 1, rng), metadata={"num_heads": "5"})

@@ -19,14 +19,18 @@ cases; :mod:`mrc_ref.cases.reference` computes expected values;
 
 import dataclasses
 import hashlib
-import json
 import os
 import re
 
 import numpy as np
 
 from .. import formats, pipeline, stats
+from ..formats import read_json
 from ..errors import MrcError
+
+__all__ = ["ROOT", "SCHEMA_VERSION", "CASE_FILES", "MANIFEST", "versions", "resolve_version", "case_ids",
+           "case_dir", "case_bytes", "sha256", "read_manifest", "check_files", "config_from_json", "resolve",
+           "read_inputs", "read_case"]
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 #: Version of the case layout (files, manifest and ``expected.json`` schema).
@@ -76,6 +80,11 @@ def case_dir(case_id, version=None, root=ROOT):
     return path
 
 
+def case_bytes(directory):
+    """Total size in bytes of the files of a case directory."""
+    return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
+
+
 def sha256(path):
     """SHA-256 (hex) of a file's bytes."""
     digest = hashlib.sha256()
@@ -83,17 +92,6 @@ def sha256(path):
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def read_json(path):
-    """A JSON file, with the file named in any error."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except OSError as exc:
-        raise MrcError(f"cannot read: {exc.strerror or exc}", file=path) from None
-    except ValueError as exc:
-        raise MrcError(f"not valid JSON ({exc})", file=path) from None
 
 
 def read_manifest(directory):

@@ -24,8 +24,12 @@ import scipy
 
 from .. import __version__, allocate, formats, pipeline, svd
 from ..errors import MrcError
+from ..example import EXAMPLE_DIR
 from . import CASE_FILES, MANIFEST, ROOT, SCHEMA_VERSION, read_inputs, resolve, sha256
-from .reference import GAP_MIN, compare, expected_values, items
+from .compare import compare, items
+from .reference import GAP_MIN, expected_values
+
+__all__ = ["VERSION", "TOLERANCES", "specs", "write_case", "regenerate"]
 
 #: The version directory this generator writes.
 VERSION = "v1"
@@ -361,7 +365,7 @@ def regenerate(version=VERSION, into=ROOT, example_dir=None, only=None):
     if os.path.exists(target):
         raise MrcError("exists: released cases are immutable; write a new version or pass --into", file=target)
     if example_dir is None:
-        from ..example import EXAMPLE_DIR as example_dir
+        example_dir = EXAMPLE_DIR
     chosen = [s for s in specs(example_dir) if only is None or s["id"] in only]
     staging = target + ".partial"
     shutil.rmtree(staging, ignore_errors=True)

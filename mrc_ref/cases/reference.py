@@ -1,5 +1,5 @@
 """The expected values of a reference case, computed by mrc_ref from the
-case's stored inputs, and the walk over them that the comparisons share.
+case's stored inputs (compared by :mod:`mrc_ref.cases.compare`).
 
 ``expected_values`` returns a JSON-ready document (the schema of
 ``expected.json``, docs/testing.md) and the arrays it refers to. Only
@@ -10,9 +10,12 @@ whose product is the expected matrix), logits.
 
 import numpy as np
 
-from .. import allocate, pipeline, stats, svd, testing, vit
+from .. import allocate, certificates, pipeline, stats, svd, vit
 from ..sequential import make_sequential
 from . import config_from_json, resolve
+from .compare import LOSS_KEYS, compare
+
+__all__ = ["GAP_MIN", "expected_values", "logits_from_tokens", "probes_of", "reproduce"]
 
 #: A Stage-1 product at rank ``r`` is stored only when the relative eigen-gap
 #: ``(σ_r² − σ_{r+1}²) / σ_1²`` is at least this: round-off of relative size
@@ -20,8 +23,6 @@ from . import config_from_json, resolve
 #: product is decided by round-off (or is not unique at all, at a tie).
 GAP_MIN = 1e-6
 
-#: Per-layer figures of a compressed layer, as the pipeline reports them.
-LOSS_KEYS = ("nmse_stage1", "loss_stage1", "nmse_stage3", "loss_stage3", "residual_norm")
 #: Those that depend on which tied direction ``A B`` keeps when the Stage-1
 #: cut is at a tie.
 STAGE3_KEYS = ("nmse_stage3", "loss_stage3", "residual_norm")
@@ -88,7 +89,7 @@ def expected_values(tensors, metadata, raw_stats, config, *, probes=None, tokens
         curves.append(curve)
         stage1 = {}
         for r in sorted(set(int(r) for r in probes.get(name, ())) | ({entry["rank"]} - {None})):
-            gap = testing.relative_gap(s2, r)
+            gap = certificates.eigen_gap(s2, r)
             item = {"nmse": float(curve[r]), "relative_gap": gap}
             if gap >= GAP_MIN:
                 item["product"] = _product(arrays, f"{name}.stage1.{r}", *svd.factors(W, U, r))
@@ -104,7 +105,7 @@ def expected_values(tensors, metadata, raw_stats, config, *, probes=None, tokens
         omitted = {}
         if entry["residual_rank"]:
             P, Q = out[name + ".residual_p"], out[name + ".residual_q"]
-            tie = testing.relative_gap(s2, entry["rank"]) < GAP_MIN
+            tie = certificates.eigen_gap(s2, entry["rank"]) < GAP_MIN
             if tie:
                 reason = (f"the Stage-1 cut at rank {entry['rank']} is at a (near) tie: these depend on which "
                           "tied direction A B keeps; certify a residual against your own A B with "
@@ -116,7 +117,7 @@ def expected_values(tensors, metadata, raw_stats, config, *, probes=None, tokens
                 gap = None
                 if local:
                     A, B = svd.factors(W, U, entry["rank"])
-                    gap = testing.certify_residual(W, A, B, P, Q, C, damp=config.damping)["relative_gap"]
+                    gap = certificates.certify_residual(W, A, B, P, Q, C, damp=config.damping)["eigen_gap"]
                 if gap is not None and gap < GAP_MIN:
                     compressed.pop("residual_product")
                     omitted["residual_product"] = (f"relative eigen-gap {gap:.3g} < {GAP_MIN:g} of the residual "
@@ -156,69 +157,6 @@ def expected_values(tensors, metadata, raw_stats, config, *, probes=None, tokens
 def probes_of(doc):
     """The Stage-1 ranks recorded in an expected document, per layer."""
     return {name: [int(r) for r in layer["stage1"]] for name, layer in doc["layers"].items()}
-
-
-def items(doc):
-    """Every expected value of a document, as ``(quantity, layer, where, path)``;
-    ``path`` is the key path into ``doc``, ``quantity`` the key of its
-    tolerance in the manifest. Omitted values are not listed."""
-    for name, layer in doc["layers"].items():
-        base = ("layers", name)
-        yield "shape", name, None, base + ("shape",)
-        yield "spectrum", name, None, base + ("spectrum",)
-        yield "nmse_curve", name, None, base + ("nmse_curve",)
-        for r, item in layer["stage1"].items():
-            yield "stage1_nmse", name, f"rank {r}", base + ("stage1", r, "nmse")
-            yield "stage1_gap", name, f"rank {r}", base + ("stage1", r, "relative_gap")
-            if item.get("product") is not None:
-                yield "stage1_product", name, f"rank {r}", base + ("stage1", r, "product")
-        comp = layer["compressed"]
-        for key in ("rank", "residual_rank"):
-            yield "ranks", name, key, base + ("compressed", key)
-        for key in LOSS_KEYS:
-            if key in comp:
-                yield "losses", name, key, base + ("compressed", key)
-        if comp.get("residual_product") is not None:
-            yield "residual_product", name, None, base + ("compressed", "residual_product")
-    for key in ("p_total", "fixed", "budget", "residual_rank", "exact"):
-        yield "counts", None, f"allocation {key}", ("allocation", key)
-    for key in ("optimum", "lower_bound"):
-        yield "objective", None, f"allocation {key}", ("allocation", key)
-    for rule in doc["allocation"]["rules"]:
-        path = ("allocation", "rules", rule)
-        yield "ranks", None, f"rule {rule}", path + ("ranks",)
-        yield "objective", None, f"rule {rule}", path + ("objective",)
-        yield "counts", None, f"rule {rule} params", path + ("params",)
-    for key in doc["totals"]:
-        yield "counts", None, f"totals {key}", ("totals", key)
-    if "logits" in doc:
-        yield "counts", None, "logits images", ("logits", "images")
-        for key in ("original", "compressed"):
-            yield "logits", None, key, ("logits", key)
-
-
-def lookup(doc, path):
-    """The value at a key path of a document (``KeyError`` when absent)."""
-    for key in path:
-        doc = doc[key]
-    return doc
-
-
-def compare(actual, expected, case):
-    """Compare every value of the (resolved) ``expected`` document with
-    ``actual`` under the case's tolerances; returns the failure messages."""
-    failures = []
-    for quantity, layer, where, path in items(expected):
-        try:
-            value = lookup(actual, path)
-        except KeyError:
-            failures.append(f"{'/'.join(path)}: missing from the recomputed values")
-            continue
-        try:
-            testing.assert_case_close(value, lookup(expected, path), case, quantity, layer=layer, where=where)
-        except AssertionError as err:
-            failures.append(str(err))
-    return failures
 
 
 def reproduce(case):

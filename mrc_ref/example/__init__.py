@@ -21,6 +21,12 @@ SENSITIVITY : str
 
 import os
 
+from .. import metrics
+from ..evaluate import model_logits
+
+__all__ = ["EXAMPLE_DIR", "WEIGHTS", "ACTS", "CALIB_IMAGES", "TEST_IMAGES", "SENSITIVITY", "example_paths",
+           "accuracy_line"]
+
 EXAMPLE_DIR = os.path.dirname(os.path.abspath(__file__))
 WEIGHTS = os.path.join(EXAMPLE_DIR, "model.safetensors")
 ACTS = os.path.join(EXAMPLE_DIR, "acts.h5")
@@ -34,14 +40,11 @@ def example_paths():
     return WEIGHTS, ACTS
 
 
-def print_accuracy(compressed, quiet=True):
-    """Print the example's test accuracy before and after compression and the
-    agreement of the two models."""
-    from mrc_ref import metrics
-    from mrc_ref.evaluate import model_logits
-
+def accuracy_line(compressed, quiet=True):
+    """The example's test accuracy before and after compression and the
+    agreement of the two models, as one line of text."""
     before, labels = model_logits(WEIGHTS, TEST_IMAGES, quiet=quiet)
     after, _ = model_logits(compressed, TEST_IMAGES, quiet=quiet)
-    print(f"test accuracy on {len(labels)} held-out digits: original {metrics.topk_accuracy(before, labels):.2%}, "
-          f"compressed {metrics.topk_accuracy(after, labels):.2%} "
-          f"(top-1 agreement {metrics.agreement(after, before):.2%}, mean KL {metrics.mean_kl(before, after):.4f})")
+    return (f"test accuracy on {len(labels)} held-out digits: original {metrics.topk_accuracy(before, labels):.2%}, "
+            f"compressed {metrics.topk_accuracy(after, labels):.2%} "
+            f"(top-1 agreement {metrics.agreement(after, before):.2%}, mean KL {metrics.mean_kl(after, before):.4f})")

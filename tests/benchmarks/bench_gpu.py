@@ -21,7 +21,7 @@ Figures
    one DeiT-B block's shapes (qkv 2304×768, proj 768×768, fc1 3072×768, fc2
    768×3072) with synthetic positive definite Grams; inputs already on the
    device (transfers excluded).
-3. ``stage3_fc1_100_steps``: :func:`mrc_ref.compensate.compensate`, 100 Adam
+3. ``stage3_fc1_100_steps``: :func:`mrc_ref.compensate.adam`, 100 Adam
    steps (local mode, q = 8) on fc1 (3072×768) at Stage-1 rank 256, inputs on
    the device.
 4. ``vit_forward``: :func:`mrc_ref.vit.forward` of a random DeiT-S (or
@@ -186,7 +186,7 @@ def bench_stage3(args, cp, dtype):
         U, _ = svd.output_basis(Wx, Cx, xp)
         A, B = svd.factors(Wx, U, rank)
         P0, Q0 = compensate.init_residual(m, n, q, 0, 0, xp, dtype)
-        return lambda: compensate.compensate(Wx, A, B, P0, Q0, Cx, steps=steps, lr=1e-2, xp=xp)[2]
+        return lambda: compensate.adam(Wx, A, B, P0, Q0, Cx, steps=steps, lr=1e-2, xp=xp)[2]
 
     both(f"stage3_fc1_{steps}_steps", make, cp, args, rel_diff, shape=[m, n], rank=rank, residual_rank=q,
          steps=steps, notes="local-mode Adam incl. prepare(); max_rel_diff over the loss history")

@@ -23,23 +23,23 @@ data_tools.merge`` adds the N parts into the statistics of the whole list
 (docs/scale.md).
 """
 
-import argparse
 import hashlib
 import json
 import os
 import re
-import sys
 
 import numpy as np
 
 from mrc_ref import vit
-from mrc_ref.backend import DEVICES, get_xp, to_device, to_host
+from mrc_ref.backend import get_xp, to_device, to_host
 from mrc_ref.errors import MrcError
 from mrc_ref.formats import check_output, read_safetensors, write_activations
+from mrc_ref.images import (DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, list_images, load_image,
+                            model_input_size)
+from mrc_ref.progress import counter
 
 DEFAULT_PROXY_IMAGES = 32
 DEFAULT_BATCH_SIZE = 32
-DTYPES = ("float64", "float32")
 _SHARD = re.compile(r"^(\d+)/(\d+)$")
 
 
@@ -234,16 +234,12 @@ def image_list_sha256(paths, folder):
 def preprocess_description(size):
     """The evaluation transform as a JSON string (``preprocess`` attribute);
     two captures used the same preprocessing iff these strings are equal."""
-    from mrc_ref import images
-
-    return json.dumps({"transform": "deit_eval", "size": int(size), "crop_pct": images.DEFAULT_CROP_PCT,
-                       "interpolation": "bicubic", "mean": list(images.IMAGENET_MEAN),
-                       "std": list(images.IMAGENET_STD)}, sort_keys=True)
+    return json.dumps({"transform": "deit_eval", "size": int(size), "crop_pct": DEFAULT_CROP_PCT,
+                       "interpolation": "bicubic", "mean": list(IMAGENET_MEAN),
+                       "std": list(IMAGENET_STD)}, sort_keys=True)
 
 
 def _load_batches(paths, batch_size, size):
-    from mrc_ref.images import load_image
-
     for start in range(0, len(paths), batch_size):
         yield np.stack([load_image(p, size=size) for p in paths[start : start + batch_size]])
 
@@ -284,8 +280,6 @@ def capture_part(weights, images_folder, *, shard=(0, 1), max_images=None, proxy
     MrcError
         Bad weights, folder, image or an empty shard (naming the file).
     """
-    from mrc_ref.images import list_images, model_input_size
-
     index, count = shard
     xp = get_xp(device)
     tensors, metadata = read_safetensors(weights)
@@ -339,89 +333,15 @@ def run(weights, images_folder, output, *, max_images=None, shard=(0, 1), proxy_
 
     Statistics are accumulated in float64 and stored as ``store_dtype``
     (float32 halves the file; the format allows both)."""
-    from tqdm import tqdm
-
-    from mrc_ref.images import list_images
-
     get_xp(device)  # --device cuda without a GPU fails before anything is read
     paths = list_images(images_folder)[0]
     check_output(output, (weights, *paths))  # fail before the work, not after it; never over an image
     total = len(paths)
     total = total if max_images is None else min(total, max_images)
     start, stop = shard_bounds(shard[0], shard[1], total)
-    with tqdm(total=stop - start, unit="img", file=sys.stderr, disable=True if quiet else None,
-              desc="capture") as bar:
+    with counter(stop - start, "capture", quiet, unit="img") as bar:
         layers, proxy, attrs = capture_part(weights, images_folder, shard=shard, max_images=max_images,
                                             proxy_images=proxy_images, batch_size=batch_size, num_heads=num_heads,
                                             device=device, dtype=dtype, progress=bar.update)
     write_activations(output, store(layers, store_dtype), proxy_tokens=proxy, attrs=attrs, inputs=(weights,))
     return attrs["num_images"]
-
-
-# ----------------------------------------------------------------- command line
-def _positive(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _non_negative(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
-    return value
-
-
-def add_capture_arguments(parser):
-    """The arguments shared by ``data_tools.capture`` and ``data_tools.distributed``."""
-    parser.add_argument("weights", metavar="WEIGHTS", help="timm-layout .safetensors (dense or compressed)")
-    parser.add_argument("images_folder", metavar="IMAGES", help="image folder (flat, or one sub-folder per class)")
-    parser.add_argument("-o", "--output", metavar="ACTS", required=True, help="output acts.h5")
-    parser.add_argument("--max-images", metavar="M", type=_positive, default=None,
-                        help="use only the first M images of the sorted list (default: all)")
-    parser.add_argument("--proxy-images", metavar="P", type=_non_negative, default=DEFAULT_PROXY_IMAGES,
-                        help=f"store block-0 tokens of the first P images (default {DEFAULT_PROXY_IMAGES})")
-    parser.add_argument("--batch-size", metavar="B", type=_positive, default=DEFAULT_BATCH_SIZE,
-                        help=f"images per forward pass (default {DEFAULT_BATCH_SIZE})")
-    parser.add_argument("--num-heads", metavar="H", type=int, default=None,
-                        help="default: weights metadata, else D // 64")
-    parser.add_argument("--device", choices=DEVICES, default="cpu",
-                        help="cpu (NumPy) or cuda (CuPy; checked before any work) (default: %(default)s)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float64",
-                        help="compute dtype of the forward pass and of each batch's products (default float64; "
-                             "sums across batches are float64 always)")
-    parser.add_argument("--store-dtype", choices=DTYPES, default="float64",
-                        help="dtype of the stored statistics (default float64)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def build_parser():
-    parser = argparse.ArgumentParser(
-        prog="python -m data_tools.capture",
-        description="Capture per-layer input statistics (acts.h5) of a timm-layout ViT over an image folder.",
-    )
-    add_capture_arguments(parser)
-    parser.add_argument("--shard", metavar="K/N", default=None,
-                        help="capture only shard K of N (0-based K: 0/N .. N-1/N), a contiguous slice of the "
-                             "sorted image list; add the parts with python -m data_tools.merge")
-    return parser
-
-
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        shard = (0, 1) if args.shard is None else parse_shard(args.shard)
-        n = run(args.weights, args.images_folder, args.output, max_images=args.max_images, shard=shard,
-                proxy_images=args.proxy_images, batch_size=args.batch_size, num_heads=args.num_heads,
-                device=args.device, quiet=args.quiet, dtype=args.dtype, store_dtype=args.store_dtype)
-    except MrcError as err:
-        print(f"python -m data_tools.capture: error: {err}", file=sys.stderr)
-        return 2
-    if not args.quiet:
-        print(f"wrote {args.output} ({n} images)", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

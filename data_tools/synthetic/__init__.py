@@ -5,9 +5,7 @@ small random ViT in timm layout) and ``acts.h5`` (statistics of synthetic,
 correlated token rows with a decaying spectrum) — no download.
 """
 
-import argparse
 import os
-import sys
 
 import numpy as np
 
@@ -129,17 +127,3 @@ def write_example(outdir, seed=0, **model_kw):
     formats.write_activations(acts, make_statistics(tensors, names, seed=seed),
                               attrs={"source": f"data_tools.synthetic seed={seed}"})
     return weights, acts
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m data_tools.synthetic", description=__doc__.splitlines()[0])
-    parser.add_argument("outdir")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    for path in write_example(args.outdir, args.seed):
-        print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,12 +16,10 @@ round-off. The workers must see ``WEIGHTS`` and ``IMAGES`` at the same paths
 Needs the optional extra: ``pip install -e ".[distributed]"``.
 """
 
-import argparse
-import sys
 
 from data_tools import capture, merge
 from mrc_ref.errors import MrcError
-from mrc_ref.formats import check_output, write_activations
+from mrc_ref.images import list_images
 
 PROG = "python -m data_tools.distributed"
 
@@ -87,8 +85,6 @@ def capture_on_cluster(client, weights, images_folder, *, shards=None, max_image
         Bad input found on the client or on a worker, or parts that do not
         belong together (e.g. a worker that sees a different weights file).
     """
-    from mrc_ref.images import list_images
-
     total = len(list_images(images_folder)[0])
     total = total if max_images is None else min(total, int(max_images))
     if shards is None:
@@ -118,35 +114,3 @@ def connect(address):
         return Client(address, timeout="20s")
     except (OSError, TimeoutError, ValueError) as exc:
         raise MrcError(f"cannot connect to the Dask scheduler at {address!r}: {exc}") from None
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Capture acts.h5 of a timm-layout ViT over an image folder as shards on a Dask cluster.",
-    )
-    capture.add_capture_arguments(parser)
-    parser.add_argument("--dask", metavar="ADDRESS", required=True,
-                        help="address of the Dask scheduler, e.g. tcp://10.0.0.1:8786")
-    parser.add_argument("--shards", metavar="N", type=int, default=None,
-                        help="number of shards (default: the cluster's worker threads)")
-    args = parser.parse_args(argv)
-    try:
-        check_output(args.output, (args.weights,))
-        with connect(args.dask) as client:
-            layers, proxy, attrs = capture_on_cluster(
-                client, args.weights, args.images_folder, shards=args.shards, max_images=args.max_images,
-                proxy_images=args.proxy_images, batch_size=args.batch_size, num_heads=args.num_heads,
-                device=args.device, dtype=args.dtype)
-        write_activations(args.output, capture.store(layers, args.store_dtype), proxy_tokens=proxy, attrs=attrs,
-                          inputs=(args.weights,))
-    except MrcError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
-    if not args.quiet:
-        print(f"wrote {args.output} ({attrs['merged_shards']} shards, {attrs['num_images']} images)", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

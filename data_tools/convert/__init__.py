@@ -19,17 +19,16 @@ The output holds float32 tensors (float64 kept as stored) and the metadata
 ``D // 64``) and ``source`` (the original format).
 """
 
-import argparse
 import json
 import os
 import re
-import sys
 
 import numpy as np
 
 from mrc_ref import vit
 from mrc_ref.errors import MrcError
-from mrc_ref.formats import FACTOR_SUFFIXES, read_safetensors, write_safetensors
+from mrc_ref.formats import read_safetensors, write_safetensors
+from mrc_ref.layout import FACTOR_SUFFIXES
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "module")
@@ -309,26 +308,3 @@ def convert_file(src, dst, num_heads=None):
     metadata["source"] = f"{metadata['source']}-{container}"
     write_safetensors(dst, tensors, metadata, inputs=(src,))
     return metadata
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m data_tools.convert",
-        description="Convert a timm or transformers ViT/DeiT checkpoint to timm-layout safetensors.",
-    )
-    parser.add_argument("checkpoint", help=".pth/.pt/.bin/.ckpt or .safetensors")
-    parser.add_argument("-o", "--output", required=True, help="output .safetensors")
-    parser.add_argument("--num-heads", type=int, default=None,
-                        help="attention heads (default: config.json, metadata, or D // 64)")
-    args = parser.parse_args(argv)
-    try:
-        metadata = convert_file(args.checkpoint, args.output, num_heads=args.num_heads)
-    except MrcError as err:
-        print(f"python -m data_tools.convert: error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.output} (num_heads={metadata['num_heads']}, source={metadata['source']})", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,7 @@
-"""``python -m data_tools.sensitivity WEIGHTS ACTS -o sens.json [--images DIR] [--layers …]``
-
-Measure the end-to-end sensitivity of each selected layer of a timm-layout
+"""Measure the end-to-end sensitivity of each selected layer of a timm-layout
 ViT and write it as a ``mrc_ref.sensitivity`` file (docs/formats.md) for
-``python -m mrc_ref.compress --sensitivity``. See docs/sensitivity.md.
+``python -m mrc_ref.compress --sensitivity``. See docs/sensitivity.md; the
+command line is ``python -m data_tools.sensitivity``.
 
 For each layer ``l`` alone, the weight is replaced by its Stage-1 factors
 ``A B = U_r U_rᵀ W`` (the statistic's metric, :mod:`mrc_ref.svd`) at a few
@@ -16,16 +15,16 @@ The weight ``w_l`` is the least-squares slope through the origin of
 ``e2e_l(r_i)`` against ``NMSE_l(r_i)`` (:func:`mrc_ref.sensitivity.fit`).
 """
 
-import argparse
 import os
-import sys
 import time
 
 import numpy as np
 
 from mrc_ref import formats, pipeline, stats, svd, vit
-from mrc_ref.backend import DEVICES, DTYPES, get_dtype, get_xp, to_host
+from mrc_ref.backend import get_dtype, get_xp, to_host
 from mrc_ref.errors import MrcError
+from mrc_ref.images import iter_batches, list_images, model_input_size
+from mrc_ref.progress import progress_bar
 from mrc_ref.sensitivity import fit
 
 PROG = "python -m data_tools.sensitivity"
@@ -256,7 +255,6 @@ def layer_sensitivity(tensors, load_stats, tokens, *, num_heads, names, statisti
 def image_tokens(tensors, folder, *, num_heads, xp, dtype, batch, limit, scratch):
     """Block-0 inputs of the images of ``folder`` (the DeiT eval transform at
     the model's input size), in a host array from ``scratch``."""
-    from data_tools.images import iter_batches, list_images, model_input_size
 
     params = vit.prepare(tensors, xp, dtype)
     count = len(list_images(folder)[0])
@@ -293,8 +291,7 @@ def run(weights, acts, output, *, images=None, max_images=None, layers=pipeline.
     dt = get_dtype(dtype)
     progress = None
     if not quiet:
-        from mrc_ref.compress import progress_bar
-
+    
         progress = progress_bar(False)
     start = time.perf_counter()
     tensors, metadata = formats.read_safetensors(weights)
@@ -336,49 +333,3 @@ def run(weights, acts, output, *, images=None, max_images=None, layers=pipeline.
         raise MrcError("no selected layer could be measured (every NMSE curve is 0 from rank 1)", file=weights)
     formats.write_sensitivity(output, metric, measured, attrs, inputs=(weights, acts))
     return measured, seconds
-
-
-def build_parser():
-    p = argparse.ArgumentParser(prog=PROG, description=" ".join(__doc__.split("\n\n")[1].replace("``", "").split()))
-    p.add_argument("weights", metavar="WEIGHTS", help="timm-layout ViT (.safetensors)")
-    p.add_argument("acts", metavar="ACTS", help="acts.h5: the Stage-1 statistics (and proxy/tokens)")
-    p.add_argument("-o", "--output", required=True, help="output sensitivity file (JSON)")
-    p.add_argument("--images", metavar="DIR", help="run these images instead of the proxy tokens of ACTS")
-    p.add_argument("--max-images", type=int, metavar="N", help="use the first N images or proxy tokens")
-    p.add_argument("--layers", default=",".join(pipeline.DEFAULT_LAYERS),
-                   help="comma-separated glob patterns of layer names (default: %(default)s)")
-    p.add_argument("--statistic", default="gram", choices=list(stats.STATISTICS),
-                   help="Stage-1 metric of the truncations; use that of the compression (default: %(default)s)")
-    p.add_argument("--points", type=int, default=POINTS, help="truncations per layer (default: %(default)s)")
-    p.add_argument("--nmse-range", type=float, nargs=2, default=list(NMSE_RANGE), metavar=("LO", "HI"),
-                   help="NMSE range the truncations spread over (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=BATCH_IMAGES, help="images per forward pass (default: %(default)s)")
-    p.add_argument("--num-heads", type=int, help="attention heads (default: metadata, else width / 64)")
-    p.add_argument("--device", default="cpu", choices=DEVICES, help="NumPy or CuPy (default: %(default)s)")
-    p.add_argument("--dtype", default="float64", choices=list(DTYPES), help="forward pass (default: %(default)s)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p
-
-
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        layers = tuple(x.strip() for x in args.layers.split(",") if x.strip())
-        if not layers:
-            raise MrcError("--layers selects no pattern")
-        measured, seconds = run(args.weights, args.acts, args.output, images=args.images, max_images=args.max_images,
-                                layers=layers, statistic=args.statistic, points=args.points,
-                                nmse_range=tuple(args.nmse_range), batch=args.batch_size, num_heads=args.num_heads,
-                                device=args.device, dtype=args.dtype, quiet=args.quiet)
-    except MrcError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
-    width = max(map(len, measured))
-    for name, e in measured.items():
-        print(f"{name:<{width}}  w {e['weight']:.4g}  ranks {e['ranks']}  fit residual {e['residual']:.3f}")
-    print(f"wrote {args.output} ({len(measured)} layers, {seconds:.1f} s)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

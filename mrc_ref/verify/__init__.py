@@ -1,23 +1,24 @@
-"""``python -m mrc_ref.verify COMPRESSED WEIGHTS ACTS [--reduction F | --budget N] [--layers …] [--report R]``
-
-Certify a compressed model, whichever implementation produced it, against
-the original weights and their activation statistics: every selected layer's
-low-rank part must attain the Stage-1 optimum at its rank (its normalized
-output error no more than the optimum's, within the tolerances), and the
-model must meet the parameter budget. The allocation's gap to the exact
-Stage-2 optimum for the same budget is reported. See docs/cli.md.
+"""Certify a compressed model file, whichever implementation produced it,
+against the original weights and their activation statistics: read every
+layout (mrc_ref's factors, PEFT ``lora_A``/``lora_B`` pairs, dense merged
+weights), certify each selected layer's Stage-1 optimality
+(:mod:`mrc_ref.certificates`), check the parameter budget and report the
+allocation's gap to the exact Stage-2 optimum. The command line is
+``python -m mrc_ref.verify`` (docs/cli.md).
 """
 
-import argparse
+__all__ = ["DEFAULT_RTOL", "DEFAULT_ATOL", "read_layer", "certify_layer", "allocation_totals", "verify_files",
+           "table"]
+
+
 import json
 import os
 import re
-import sys
 
 import numpy as np
 
-from . import allocate, formats, pipeline, stats, svd, testing
-from .errors import MrcError
+from .. import allocate, certificates, formats, layout, pipeline, stats, svd
+from ..errors import ConfigError, MrcError
 
 #: Default allowed relative excess of a layer's Stage-1 NMSE over the optimum
 #: at its rank: float32 implementations of the optimum land well inside it;
@@ -29,39 +30,6 @@ DEFAULT_ATOL = 1e-8
 #: Key prefix that PEFT adds to every tensor of its state dict.
 PEFT_PREFIX = "base_model.model."
 _LORA = re.compile(r"^(?P<name>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
-_FACTORED = tuple(f".{s}" for s in formats.FACTOR_SUFFIXES)
-
-
-def build_parser():
-    p = argparse.ArgumentParser(prog="python -m mrc_ref.verify",
-                                description=" ".join(__doc__.split("\n\n")[1].split()))
-    p.add_argument("compressed", help="the compressed model (safetensors: mrc_ref, PEFT lora_A/lora_B, or dense)")
-    p.add_argument("weights", help="the original model (safetensors)")
-    p.add_argument("acts", help="the original model's statistics (acts.h5, version 1)")
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--reduction", type=float,
-                        help="budget ⌊(1 − F) · P_total⌋ of the original's stored parameters (default: the "
-                             "compressed file's own, when mrc_ref wrote it; else no budget check)")
-    budget.add_argument("--budget", type=int, help="budget in parameters")
-    p.add_argument("--layers", help="comma-separated glob patterns of the layers to certify (default: the "
-                                    "compressed file's own, when mrc_ref wrote it; else the ViT block linears)")
-    p.add_argument("--statistic", choices=list(stats.STATISTICS),
-                   help="metric of the certificate (default: the compressed file's own, else gram)")
-    p.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
-                   help="allowed relative excess of a layer's NMSE over the optimum (default: %(default)g)")
-    p.add_argument("--atol", type=float, default=DEFAULT_ATOL,
-                   help="allowed absolute excess of a layer's NMSE (default: %(default)g)")
-    p.add_argument("--rank-rtol", type=float,
-                   help="numerical rank of a dense layer: singular values above this times the largest "
-                        "(default: max(m, n) times the machine epsilon of the stored dtype)")
-    p.add_argument("--lora-scaling", type=float, default=1.0,
-                   help="scaling s of a PEFT pair, W = s · lora_B lora_A (PEFT: lora_alpha / r) "
-                        "(default: %(default)g)")
-    p.add_argument("--max-gap", type=float,
-                   help="also fail when the allocation's relative gap to the exact optimum exceeds this")
-    p.add_argument("--report", help="write the JSON report here")
-    p.add_argument("--quiet", action="store_true", help="print only the verdict")
-    return p
 
 
 # ----------------------------------------------------------------- reading the layouts
@@ -127,21 +95,19 @@ def read_layer(tensors, lora, name, m, n, path, scaling=1.0, stored=None):
     def get(key, shape):
         return _tensor(tensors, key, shape, path, name, stored)
 
-    has = {s: f"{name}.{s}" in tensors for s in formats.FACTOR_SUFFIXES + ("weight", "base_layer.weight")}
-    factored = any(has[s] for s in formats.FACTOR_SUFFIXES)
+    has = {s: f"{name}.{s}" in tensors for s in ("weight", "base_layer.weight")}
+    factored = any(layout.factor_key(name, s) in tensors for s in layout.FACTOR_SUFFIXES)
     if factored and name in lora:
         raise MrcError("stored both as lowrank/residual factors and as a lora_A/lora_B pair", file=path, layer=name)
     if factored:
-        if not (has["lowrank_a"] and has["lowrank_b"]):
-            raise MrcError("needs both lowrank_a and lowrank_b", file=path, layer=name)
-        if has["residual_p"] != has["residual_q"]:
-            raise MrcError("needs both residual_p and residual_q, or neither", file=path, layer=name)
-        if has["weight"] or has["base_layer.weight"]:
-            raise MrcError("stored both as factors and as a dense weight", file=path, layer=name)
+        try:
+            layout.layer_form(tensors, name, dense_keys=("weight", "base_layer.weight"))
+        except MrcError as err:
+            raise err.at(file=path) from None
         A = get(f"{name}.lowrank_a", (m, None))
         B = get(f"{name}.lowrank_b", (A.shape[1], n))
         P = Q = None
-        if has["residual_p"]:
+        if f"{name}.residual_p" in tensors:
             P = get(f"{name}.residual_p", (m, None))
             Q = get(f"{name}.residual_q", (P.shape[1], n))
         P = np.zeros((m, 0)) if P is None else P
@@ -172,7 +138,7 @@ def read_layer(tensors, lora, name, m, n, path, scaling=1.0, stored=None):
 def certify_layer(name, W, C, layer, rtol, atol, rank_rtol=None):
     """Figures and verdict of one layer (see docs/cli.md, ``verify``).
 
-    The principal pair is certified with :func:`mrc_ref.testing.certify_stage1`:
+    The principal pair is certified with :func:`mrc_ref.certificates.certify_stage1`:
     ``A B`` against ``W`` (mrc_ref layout, or a PEFT pair alone); ``s B A``
     against the base's error ``W − W_base`` (a PEFT pair on a base weight, the
     EoRA problem); for a dense weight ``W̃`` of numerical rank ``ρ``, its first
@@ -181,11 +147,11 @@ def certify_layer(name, W, C, layer, rtol, atol, rank_rtol=None):
     counted, or statistics of another model).
     """
     m, n = W.shape
-    curve = testing.optimal_nmse_curve(W, C)
+    curve = certificates.optimal_nmse_curve(W, C)
     k = len(curve) - 1
     entry = {"name": name, "layout": layer["layout"], "shape": [m, n], "rank": None, "residual_rank": 0,
              "stored_params": int(layer["stored"]), "params": int(layer["stored"]), "nmse": 0.0, "nmse_layer": 0.0,
-             "nmse_optimal": 0.0, "nmse_optimal_r_plus_q": 0.0, "excess": 1.0, "relative_gap": None,
+             "nmse_optimal": 0.0, "nmse_optimal_r_plus_q": 0.0, "excess": 1.0, "eigen_gap": None,
              "passed": True, "failures": []}
     fail = entry["failures"].append
     if layer["layout"] == "dense":
@@ -201,7 +167,7 @@ def certify_layer(name, W, C, layer, rtol, atol, rank_rtol=None):
         entry["nmse_layer"] = svd.nmse(W, W_tilde, C, np)
         if rho == min(m, n):
             entry["nmse"] = entry["nmse_layer"]
-            entry["excess"] = 1.0 if entry["nmse"] <= testing.EXCESS_FLOOR else float("inf")
+            entry["excess"] = 1.0 if entry["nmse"] <= certificates.EXCESS_FLOOR else float("inf")
             if entry["nmse"] > atol:
                 fail(f"layer {name}: dense weight of full numerical rank {rho} differs from the original "
                      f"(NMSE {entry['nmse']:.4g} > atol {atol:g}): not a low-rank approximation")
@@ -222,10 +188,10 @@ def certify_layer(name, W, C, layer, rtol, atol, rank_rtol=None):
                  f"(NMSE {entry['nmse']:.4g} > atol {atol:g})")
         entry["passed"] = not entry["failures"]
         return entry, curve
-    cert = testing.certify_stage1(target, C, A, B)
+    cert = certificates.certify_stage1(target, C, A, B)
     r = entry["rank"]
     entry.update(nmse=cert["nmse"], nmse_optimal=cert["nmse_optimal"], excess=cert["excess"],
-                 relative_gap=cert["relative_gap"], nmse_optimal_r_plus_q=float(curve[min(r + q, k)]))
+                 eigen_gap=cert["eigen_gap"], nmse_optimal_r_plus_q=float(curve[min(r + q, k)]))
     allowed = cert["nmse_optimal"] * (1 + rtol) + atol
     what = ("NMSE of the pair s·lora_B lora_A against the base's error W − W_base" if layer["base"] is not None
             else "Stage-1 NMSE")
@@ -300,15 +266,15 @@ def verify_files(compressed, weights, acts, *, reduction=None, budget=None, laye
     MrcError
         Bad input (exit code 2 on the command line).
     """
-    for label, value in (("--rtol", rtol), ("--atol", atol), ("--max-gap", max_gap), ("--rank-rtol", rank_rtol)):
+    for field, value in (("rtol", rtol), ("atol", atol), ("max_gap", max_gap), ("rank_rtol", rank_rtol)):
         if value is not None and not (np.isfinite(value) and value >= 0):
-            raise MrcError(f"{label} must be a finite number ≥ 0, got {value}")
+            raise ConfigError(field, f"must be a finite number ≥ 0, got {value}")
     if not np.isfinite(lora_scaling):
-        raise MrcError(f"--lora-scaling must be finite, got {lora_scaling}")
+        raise ConfigError("lora_scaling", f"must be finite, got {lora_scaling}")
     if reduction is not None and not 0 < reduction < 1:
-        raise MrcError(f"--reduction must be in (0, 1), got {reduction}")
+        raise ConfigError("reduction", f"must be in (0, 1), got {reduction}")
     if budget is not None and budget < 0:
-        raise MrcError(f"--budget must be ≥ 0, got {budget}")
+        raise ConfigError("budget", f"must be ≥ 0, got {budget}")
     inputs = (compressed, weights, acts)
     if report_path:
         formats.check_outputs((report_path,), inputs)
@@ -326,7 +292,7 @@ def verify_files(compressed, weights, acts, *, reduction=None, budget=None, laye
         raise err.at(file=weights) from None
     tensors, stored_names = _strip_peft(stored, compressed)
     lora = _lora_pairs(tensors, compressed)
-    stray = sorted(({k[: -len(s)] for k in tensors for s in _FACTORED if k.endswith(s)} | set(lora)) - set(names))
+    stray = sorted((set(layout.factored_layers(tensors)) | set(lora)) - set(names))
     if stray:
         raise MrcError(f"stored in low-rank form but not selected by --layers {','.join(patterns)} "
                        "(select it, so that its parameters are counted)", file=compressed, layer=stray[0])
@@ -351,8 +317,8 @@ def verify_files(compressed, weights, acts, *, reduction=None, budget=None, laye
                 raw = formats.read_layer_stats(f, name, acts, n=n)
                 C = stats.metric(statistic, stats.validate(raw, n, np), n, np)
                 entry, curve = certify_layer(name, W, C, layer, rtol, atol, rank_rtol)
-            except (MrcError, ValueError) as err:
-                raise MrcError(getattr(err, "message", str(err)), file=acts, layer=name) from None
+            except MrcError as err:
+                raise MrcError(err.message, file=acts, layer=name) from None
             entry["on_base"] = layer["base"] is not None
             entries.append(entry)
             curves.append(curve)
@@ -405,37 +371,3 @@ def table(report):
     else:
         lines.append(f"Σ NMSE {t['sum_nmse']:.6g}; allocation gap {t['gap_note']}")
     return "\n".join(lines)
-
-
-def main(argv=None):
-    parser = build_parser()
-    prog = parser.prog
-
-    def one_line_error(message):  # argparse's usage errors too: one line, exit 2
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-    parser.error = one_line_error
-    args = parser.parse_args(argv)
-    try:
-        report = verify_files(args.compressed, args.weights, args.acts, reduction=args.reduction, budget=args.budget,
-                              layers=args.layers, statistic=args.statistic, rtol=args.rtol, atol=args.atol,
-                              rank_rtol=args.rank_rtol, lora_scaling=args.lora_scaling, max_gap=args.max_gap,
-                              report_path=args.report)
-    except MrcError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
-    if not args.quiet:
-        print(table(report))
-    for message in report["failures"]:
-        print(f"{prog}: certificate failed: {message}", file=sys.stderr)
-    n = len(report["layers"])
-    print(f"PASS: {n} layers certified" if report["passed"] else
-          f"FAIL: {len(report['failures'])} certificate(s) failed")
-    if args.report:
-        print(f"wrote {args.report}")
-    return 0 if report["passed"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

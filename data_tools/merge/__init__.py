@@ -21,15 +21,15 @@ naming the file. The same functions reduce the in-memory parts of
 ``data_tools.distributed``.
 """
 
-import argparse
 import functools
-import sys
 
 import h5py
 import numpy as np
 
 from mrc_ref.errors import MrcError
 from mrc_ref.formats import check_output, open_activations, read_layer_stats, read_proxy_tokens, write_activations
+
+from ..capture import store
 
 #: Root attributes that every part of one capture carries with equal values,
 #: and how a difference is described.
@@ -300,8 +300,6 @@ def merge_files(paths, output, *, store_dtype="float64"):
         From :func:`read_part`, :func:`combine` and :func:`finish`, or an
         output that cannot be written.
     """
-    from data_tools.capture import store
-
     if not paths:
         raise MrcError("no parts to merge")
     check_output(output, paths)
@@ -318,29 +316,3 @@ def merge_files(paths, output, *, store_dtype="float64"):
         layers[name] = store({name: finish_layer(st, attrs["num_images"])}, store_dtype)[name]
     write_activations(output, layers, proxy_tokens=proxy, attrs=attrs, inputs=paths)
     return attrs
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m data_tools.merge",
-        description="Add acts.h5 parts written by python -m data_tools.capture --shard K/N into one acts.h5.",
-    )
-    parser.add_argument("parts", metavar="PART", nargs="+", help="the parts, one per shard, in any order")
-    parser.add_argument("-o", "--output", metavar="ACTS", required=True, help="output acts.h5")
-    parser.add_argument("--store-dtype", choices=("float64", "float32"), default="float64",
-                        help="dtype of the stored statistics (the sums are float64; default float64)")
-    parser.add_argument("--quiet", action="store_true", help="no summary line")
-    args = parser.parse_args(argv)
-    try:
-        attrs = merge_files(args.parts, args.output, store_dtype=args.store_dtype)
-    except MrcError as err:
-        print(f"python -m data_tools.merge: error: {err}", file=sys.stderr)
-        return 2
-    if not args.quiet:
-        print(f"wrote {args.output} ({attrs['merged_shards']} shards, {attrs['num_images']} images)",
-              file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

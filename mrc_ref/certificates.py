@@ -1,0 +1,301 @@
+"""Certificates of optimality, computed by their own route (docs/testing.md).
+
+The quantities that a factorization cannot change (gauge-invariant), and
+the optima to hold them against, each computed independently of the code
+they certify: the Stage-1 optimum from SciPy's ``eigh`` of the output Gram
+(:func:`output_spectrum`, not :mod:`mrc_ref.svd`), the Stage-3 optimum from
+the singular values of the whitened regression residual
+(:func:`certify_residual`, not :mod:`mrc_ref.compensate`). Inputs may be
+anything :func:`as_host` accepts; the math runs in float64 on the host.
+:mod:`mrc_ref.testing` turns these into assertions; ``python -m
+mrc_ref.verify`` into a verdict on a model file.
+"""
+
+import numpy as np
+import scipy.linalg
+
+from .backend import to_host
+from .compensate import DEFAULT_DAMP
+
+__all__ = ["EXCESS_FLOOR", "as_host", "output_spectrum", "nmse_tail", "optimal_nmse_curve", "eigen_gap", "excess",
+           "metric_norm_sq", "certify_stage1", "certify_residual",
+           "matrix", "factor_pair", "failure", "g8"]
+
+#: Below this an NMSE or loss is round-off of an exact reconstruction: an
+#: excess ratio with an optimum under it is reported as 1 (achieved also under
+#: it) or infinite, not as a ratio of two round-off errors.
+EXCESS_FLOOR = 1e-12
+
+
+def as_host(a):
+    """``a`` as a float64 NumPy array on the host.
+
+    Accepts anything :func:`numpy.asarray` takes, torch tensors (detached,
+    moved to the CPU and widened to float64 first, so ``requires_grad``,
+    CUDA and bfloat16 tensors work) and CuPy arrays (copied to the host).
+    ``None`` stays ``None``.
+    """
+    if a is None:
+        return None
+    if callable(getattr(a, "detach", None)) and callable(getattr(a, "cpu", None)):  # torch
+        a = a.detach().cpu().double().numpy()
+    elif type(a).__module__.split(".")[0] == "cupy":
+        a = to_host(a)
+    return np.asarray(a, dtype=np.float64)
+
+
+def matrix(a, what):
+    a = as_host(a)
+    if a.ndim != 2:
+        raise ValueError(f"{what} must be 2-D, got shape {a.shape}")
+    return a
+
+
+def factor_pair(A, B, what="A B"):
+    """Host float64 factors ``A (m, r)``, ``B (r, n)``; ``r = 0`` allowed."""
+    A, B = matrix(A, f"{what}: left factor"), matrix(B, f"{what}: right factor")
+    if A.shape[1] != B.shape[0]:
+        raise ValueError(f"{what}: inner dimensions differ, {A.shape} and {B.shape}")
+    return A, B
+
+
+def failure(layer, quantity, observed, allowed, tolerance, note=""):
+    """The :class:`AssertionError` of a failed comparison, one line:
+    ``layer <layer>: <quantity>: observed <o>, allowed <a> (<tolerance>)<note>``."""
+    where = f"layer {layer}: " if layer is not None else ""
+    return AssertionError(f"{where}{quantity}: observed {observed}, allowed {allowed} ({tolerance}){note}")
+
+
+def g8(x):
+    """A number to 8 significant digits, for messages."""
+    return f"{x:.8g}"
+
+
+# ----------------------------------------------------------------- Stage 1
+def output_spectrum(W, C, vectors=False):
+    """Eigenvalues ``σ_1² ≥ … ≥ σ_k² ≥ 0`` of the output Gram ``W C Wᵀ``,
+    ``k = min(m, n)``, by SciPy on the smaller side.
+
+    When ``m ≤ n``: ``eigh(W C Wᵀ)`` (m × m). When ``m > n``: ``F = W S`` with
+    ``S = V Λ^{1/2}`` from ``eigh(C)`` (clipped at 0), and ``eigh(Fᵀ F)``
+    (n × n), which has the nonzero eigenvalues of ``F Fᵀ = W C Wᵀ``.
+
+    Parameters
+    ----------
+    W : array (m, n)
+    C : array (n, n), symmetric positive semi-definite
+    vectors : bool
+        Also return an orthonormal basis ``U (m, k)`` of the output
+        directions, column ``i`` for ``σ_i²`` (only meaningful where
+        ``σ_i² > 0``).
+
+    Returns
+    -------
+    s2 : ndarray (k,)
+    U : ndarray (m, k), when ``vectors``
+    """
+    W, C = matrix(W, "W"), matrix(C, "C")
+    m, n = W.shape
+    if C.shape != (n, n):
+        raise ValueError(f"C has shape {C.shape}, expected {(n, n)} for W of shape {W.shape}")
+    C = (C + C.T) / 2
+    if m <= n:
+        G = W @ C @ W.T
+        s2, V = scipy.linalg.eigh((G + G.T) / 2)
+        s2, U = s2[::-1], V[:, ::-1]
+    else:
+        lam, V = scipy.linalg.eigh(C)
+        F = W @ (V * np.sqrt(np.clip(lam, 0, None)))
+        s2, V = scipy.linalg.eigh(F.T @ F)
+        s2, V = s2[::-1], V[:, ::-1]
+        U = F @ V / np.sqrt(np.where(s2 > 0, s2, 1))
+    s2 = np.clip(s2, 0, None)
+    return (s2, U) if vectors else s2
+
+
+def nmse_tail(s2):
+    """``NMSE(r) = Σ_{i>r} σ_i² / Σ_i σ_i²`` for ``r = 0 … k`` (tail sums).
+    Written here rather than imported, so that the certificates stay
+    independent of :mod:`mrc_ref.svd`."""
+    s2 = np.clip(np.sort(as_host(s2).ravel())[::-1], 0, None)
+    tail = np.concatenate([np.cumsum(s2[::-1])[::-1], [0.0]])
+    if not tail[0] > 0:
+        raise ValueError("the output Gram W C Wᵀ is zero: the NMSE is undefined")
+    return tail / tail[0]
+
+
+def optimal_nmse_curve(W, C):
+    """The Stage-1 optimum at every rank, ``NMSE_opt(r) = Σ_{i>r} σ_i² / Σ_i σ_i²``
+    for ``r = 0 … k`` (:func:`output_spectrum`).
+
+    Returns
+    -------
+    ndarray (k + 1,)
+    """
+    return nmse_tail(output_spectrum(W, C))
+
+
+def eigen_gap(s2, r):
+    """Relative eigen-gap at the cut, ``(σ_r² − σ_{r+1}²) / σ_1²``, of a
+    descending spectrum ``s2`` (``σ_{k+1}² = 0``); ``None`` at ``r = 0``. A
+    small gap means the optimal rank-``r`` subspace, and the product ``A B``,
+    are ill-determined (round-off ``ε`` moves them by about ``ε / gap``)
+    while the NMSE at ``r`` is not."""
+    if r <= 0 or not s2[0] > 0:
+        return None
+    nxt = s2[r] if r < len(s2) else 0.0
+    return float((s2[r - 1] - nxt) / s2[0])
+
+
+def excess(value, optimum):
+    """``value / optimum``; 1 when both are below :data:`EXCESS_FLOOR`,
+    infinite when only the optimum is."""
+    if optimum > EXCESS_FLOOR:
+        return float(value / optimum)
+    return 1.0 if value <= EXCESS_FLOOR else float("inf")
+
+
+def metric_norm_sq(D, C):
+    """``tr(D C Dᵀ)`` (``‖D S‖²_F``), or ``‖D‖²_F`` when ``C`` is ``None``;
+    clamped at 0, since round-off can make ``tr(D C Dᵀ)`` slightly negative
+    for a positive semi-definite ``C`` (a singular ``C`` and ``D`` in its
+    null space)."""
+    return float(np.sum(D * D)) if C is None else max(float(np.sum((D @ C) * D)), 0.0)
+
+
+def certify_stage1(W, C, A, B):
+    """Certificate of a Stage-1 factorization ``A B`` of ``W`` under ``C``.
+
+    Compares the achieved normalized output error
+
+        NMSE(A B) = tr(ΔW C ΔWᵀ) / tr(W C Wᵀ),   ΔW = W − A B,
+
+    with the optimum at the same rank ``r``, ``Σ_{i>r} σ_i² / Σ_i σ_i²``
+    (eigenvalues of ``W C Wᵀ``, :func:`output_spectrum`), and reports scaled
+    residuals of the two stationarity conditions of ``min ‖(W − A B) S‖²``:
+    with ``R = (W − A B) C``, ``Π_A R = 0`` and ``R Π_B = 0``, where ``Π_A``
+    projects onto the column space of ``A`` and ``Π_B`` onto the row space of
+    ``B`` (both gauge-invariant). Stationarity holds at every critical point;
+    the NMSE ratio is what certifies the global optimum.
+
+    Parameters
+    ----------
+    W : array (m, n)
+    C : array (n, n)
+    A : array (m, r), B : array (r, n)
+
+    Returns
+    -------
+    dict
+        ``rank`` r; ``nmse`` achieved; ``nmse_optimal`` at rank r;
+        ``nmse_optimal_curve`` (ndarray, every rank 0 … k); ``excess`` =
+        nmse / nmse_optimal (1 when both are below :data:`EXCESS_FLOOR`,
+        ``inf`` when only the optimum is); ``eigen_gap`` ``(σ_r² − σ_{r+1}²) / σ_1²`` (None at
+        r = 0: a small gap means the optimal subspace, and the product, are
+        ill-determined while the NMSE is not); ``max_angle`` the largest
+        principal angle (radians) between the column space of ``A`` and the
+        optimal output subspace ``span(U_r)`` (None at r = 0 or beyond the
+        rank of ``W C Wᵀ``); ``stationarity_left`` ``‖Π_A R‖_F / ‖W C‖_F`` and
+        ``stationarity_right`` ``‖R Π_B‖_F / ‖W C‖_F``.
+    """
+    W, C = matrix(W, "W"), matrix(C, "C")
+    A, B = factor_pair(A, B)
+    m, n = W.shape
+    if A.shape[0] != m or B.shape[1] != n:
+        raise ValueError(f"A B has shape {(A.shape[0], B.shape[1])}, W has {W.shape}")
+    r = A.shape[1]
+    s2, U = output_spectrum(W, C, vectors=True)
+    curve = nmse_tail(s2)
+    D = W - A @ B
+    nmse = metric_norm_sq(D, C) / metric_norm_sq(W, C)
+    optimal = float(curve[min(r, len(s2))])
+    R = D @ C
+    scale = float(np.linalg.norm(W @ C)) or 1.0
+    left = scipy.linalg.orth(A) if r else np.zeros((m, 0))
+    right = scipy.linalg.orth(B.T) if r else np.zeros((n, 0))
+    angle = None
+    if 0 < r <= len(s2) and s2[r - 1] > 0 and left.shape[1]:
+        angle = float(np.max(scipy.linalg.subspace_angles(left, U[:, :r])))
+    return {
+        "rank": r,
+        "nmse": float(nmse),
+        "nmse_optimal": optimal,
+        "nmse_optimal_curve": curve,
+        "excess": excess(nmse, optimal),
+        "eigen_gap": eigen_gap(s2, min(r, len(s2))),
+        "max_angle": angle,
+        "stationarity_left": float(np.linalg.norm(left.T @ R)) / scale,
+        "stationarity_right": float(np.linalg.norm(R @ right)) / scale,
+    }
+
+
+def certify_residual(W, A, B, P, Q, C, *, K=None, Ct=None, damp=DEFAULT_DAMP):
+    """Certificate of a Stage-3 residual ``P Q`` against the exact optimum.
+
+    The damped loss of ``Ŵ = A B + M``, ``M = P Q`` (rank ``q``), is
+
+        L(M) = ( tr(W C Wᵀ) − 2 tr(Ŵ K Wᵀ) + tr(Ŵ C̃ Ŵᵀ) + δ ‖M‖²_F ) / tr(W C Wᵀ),
+
+    with ``K = X̃ᵀ X`` and ``C̃ = X̃ᵀ X̃`` (both default to ``C``: local mode)
+    and ``δ = damp · tr(C̃) / n``. Completing the square with
+    ``R = W Kᵀ − A B C̃`` and ``C̃_δ = C̃ + δ I`` gives
+    ``Z L(M) = Z L(0) − tr(R C̃_δ⁻¹ Rᵀ) + ‖(M − R C̃_δ⁻¹) S_δ‖²`` (``S_δ S_δᵀ = C̃_δ``),
+    so over rank-``q`` residuals
+
+        L* = L(0) − Σ_{i ≤ q} λ_i / tr(W C Wᵀ),
+
+    ``λ_i`` the eigenvalues of ``R C̃_δ⁻¹ Rᵀ``, computed here as the squared
+    singular values of ``R V Λ^{-1/2}`` (``C̃_δ = V Λ Vᵀ``; with ``δ = 0``
+    the pseudo-inverse, eigenvalues at or below ``n ε λ_max`` dropped).
+
+    Parameters
+    ----------
+    W : array (m, n)
+    A : array (m, r), B : array (r, n)
+        The frozen Stage-1 factors the residual was fitted to.
+    P : array (m, q), Q : array (q, n)
+    C : array (n, n)
+    K, Ct : array (n, n), optional
+    damp : float
+        The ``damp`` of ``δ = damp · tr(C̃) / n`` the residual was fitted with
+        (mrc_ref's default :data:`mrc_ref.compensate.DEFAULT_DAMP`).
+
+    Returns
+    -------
+    dict
+        ``rank`` q; ``loss`` the damped loss of ``A B + P Q``;
+        ``loss_optimal`` ``L*``; ``loss_stage1`` ``L(0)``; ``nmse_stage3`` the
+        undamped loss of ``A B + P Q``; ``excess`` loss / loss_optimal;
+        ``eigen_gap`` ``(λ_q − λ_{q+1}) / λ_1`` (None when ``λ_1 = 0``);
+        ``delta`` δ.
+    """
+    W, C = matrix(W, "W"), matrix(C, "C")
+    A, B = factor_pair(A, B)
+    P, Q = factor_pair(P, Q, "P Q")
+    K = C if K is None else matrix(K, "K")
+    Ct = C if Ct is None else matrix(Ct, "Ct")
+    n = W.shape[1]
+    q = P.shape[1]
+    delta = damp * float(np.trace(Ct)) / n if damp else 0.0
+    Z = metric_norm_sq(W, C)
+    if not Z > 0:
+        raise ValueError("tr(W C Wᵀ) = 0: the loss is undefined")
+    AB, M = A @ B, P @ Q
+
+    def loss(W_hat, M, d):
+        return (Z - 2 * float(np.sum((W_hat @ K) * W)) + metric_norm_sq(W_hat, Ct) + d * float(np.sum(M * M))) / Z
+
+    lam, V = scipy.linalg.eigh((Ct + Ct.T) / 2 + delta * np.eye(n))
+    keep = lam > n * np.finfo(np.float64).eps * max(float(lam[-1]), 0.0)
+    R = W @ K.T - AB @ Ct
+    sv = scipy.linalg.svdvals((R @ V[:, keep]) / np.sqrt(lam[keep])) if keep.any() else np.zeros(1)
+    ev = np.concatenate([sv**2, [0.0]])
+    start = loss(AB, 0 * M, 0.0)
+    optimal = start - float(np.sum(ev[:q])) / Z
+    achieved = loss(AB + M, M, delta)
+    gap = float((ev[q - 1] - ev[q]) / ev[0]) if q and ev[0] > 0 and q < len(ev) else None
+    return {"rank": q, "loss": achieved, "loss_optimal": optimal, "loss_stage1": start,
+            "nmse_stage3": loss(AB + M, M, 0.0), "excess": excess(achieved, optimal), "eigen_gap": gap,
+            "delta": delta}
+
+
