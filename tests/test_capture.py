@@ -199,7 +199,7 @@ def test_peak_memory_does_not_grow_with_the_number_of_images():
 
 # ----------------------------------------------------------------- CLI
 def test_cli_writes_the_statistics(tmp_path):
-    images_mod = pytest.importorskip("data_tools.images", reason="image loading is data_tools/images.py")
+    images_mod = pytest.importorskip("mrc_ref.images", reason="image loading is mrc_ref/images.py")
     from PIL import Image
 
     from mrc_ref.formats import (

@@ -16,7 +16,7 @@ pytest.importorskip("distributed", reason='needs dask.distributed: pip install -
 
 from distributed import Client, LocalCluster  # noqa: E402
 
-from data_tools import capture, distributed, merge  # noqa: E402
+from data_tools import capture, distributed  # noqa: E402
 from data_tools.distributed import __main__ as distributed_cli  # noqa: E402
 from data_tools.merge import __main__ as merge_cli  # noqa: E402
 from data_tools.synthetic import random_vit  # noqa: E402

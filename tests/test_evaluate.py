@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from data_tools import example_data
+from mrc_ref import example
 from mrc_ref import metrics
 
 
@@ -42,7 +42,7 @@ def small_folder(tmp_path_factory):
     """20 test digits in class folders, copied from the example."""
     root = tmp_path_factory.mktemp("digits")
     for cls in ("0", "1"):
-        src = os.path.join(example_data.TEST_IMAGES, cls)
+        src = os.path.join(example.TEST_IMAGES, cls)
         os.makedirs(root / cls)
         for name in sorted(os.listdir(src))[:10]:
             shutil.copy(os.path.join(src, name), root / cls / name)
@@ -51,7 +51,7 @@ def small_folder(tmp_path_factory):
 
 def test_evaluate_cli_with_reference_and_saved_logits(small_folder, tmp_path):
     saved = tmp_path / "logits.npz"
-    res = run("mrc_ref.evaluate", example_data.WEIGHTS, small_folder, "--reference", example_data.WEIGHTS,
+    res = run("mrc_ref.evaluate", example.WEIGHTS, small_folder, "--reference", example.WEIGHTS,
               "--save-logits", saved, "--json", "--quiet")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
@@ -68,7 +68,7 @@ def test_evaluate_flat_folder_without_labels(small_folder, tmp_path):
     flat.mkdir()
     for i, path in enumerate(sorted((small_folder / "1").iterdir())):
         shutil.copy(path, flat / f"{i}.png")
-    res = run("mrc_ref.evaluate", example_data.WEIGHTS, flat, "--reference", example_data.WEIGHTS, "--json", "--quiet")
+    res = run("mrc_ref.evaluate", example.WEIGHTS, flat, "--reference", example.WEIGHTS, "--json", "--quiet")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert "top1" not in out and out["top1_agreement"] == 1.0
@@ -81,7 +81,7 @@ def bad_folders(root):
     (unreadable / "x.png").write_bytes(b"not a png at all")
     truncated = root / "truncated" / "0"
     truncated.mkdir(parents=True)
-    blob = open(os.path.join(example_data.TEST_IMAGES, "0", sorted(os.listdir(os.path.join(example_data.TEST_IMAGES, "0")))[0]), "rb").read()
+    blob = open(os.path.join(example.TEST_IMAGES, "0", sorted(os.listdir(os.path.join(example.TEST_IMAGES, "0")))[0]), "rb").read()
     (truncated / "x.png").write_bytes(blob[: len(blob) // 2])
     return {"empty": root / "empty", "unreadable": root / "unreadable", "truncated": root / "truncated",
             "missing": root / "nope"}
@@ -92,7 +92,7 @@ def bad_folders(root):
 def test_bad_images_exit_2(tmp_path, module, case):
     folder = bad_folders(tmp_path)[case]
     extra = ["-o", tmp_path / "acts.h5"] if module == "data_tools.capture" else []
-    res = run(module, example_data.WEIGHTS, folder, *extra, "--quiet")
+    res = run(module, example.WEIGHTS, folder, *extra, "--quiet")
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in res.stderr
@@ -102,7 +102,7 @@ def test_bad_images_exit_2(tmp_path, module, case):
 
 def test_capture_cli_writes_a_readable_file(small_folder, tmp_path):
     out = tmp_path / "acts.h5"
-    res = run("data_tools.capture", example_data.WEIGHTS, small_folder, "-o", out, "--proxy-images", 4, "--quiet")
+    res = run("data_tools.capture", example.WEIGHTS, small_folder, "-o", out, "--proxy-images", 4, "--quiet")
     assert res.returncode == 0, res.stderr
     from mrc_ref import formats
 
@@ -119,7 +119,7 @@ def test_reference_with_other_classes_and_bad_crop_exit_2(small_folder, tmp_path
     other = tmp_path / "other.safetensors"
     formats.write_safetensors(other, synthetic.make_model(0, classes=5), {"num_heads": "4"})
     for extra, words in ((["--reference", other], "classes"), (["--crop-pct", "1.5"], "--crop-pct")):
-        res = run("mrc_ref.evaluate", example_data.WEIGHTS, small_folder, *extra, "--quiet")
+        res = run("mrc_ref.evaluate", example.WEIGHTS, small_folder, *extra, "--quiet")
         assert res.returncode == 2 and "Traceback" not in res.stderr
         assert len(res.stderr.strip().splitlines()) == 1 and words in res.stderr
 
@@ -144,7 +144,7 @@ def _png_header_only(path, width, height):
 @pytest.mark.parametrize("width, height, words", [(12000, 8000, "12000×8000 = 96.0 megapixels"),
                                                   (20000, 10000, "more than 179 megapixels")])
 def test_huge_image_refused_in_one_line(tmp_path, module, width, height, words):
-    """Over the limit (data_tools.images.MAX_PIXELS), below and above
+    """Over the limit (mrc_ref.images.MAX_PIXELS), below and above
     Pillow's own decompression-bomb error: one line naming the file, no
     warning, nothing written."""
     folder = tmp_path / "imgs" / "0"
@@ -152,7 +152,7 @@ def test_huge_image_refused_in_one_line(tmp_path, module, width, height, words):
     big = folder / "big.png"
     _png_header_only(big, width, height)
     extra = ["-o", tmp_path / "acts.h5"] if module == "data_tools.capture" else []
-    res = run(module, example_data.WEIGHTS, tmp_path / "imgs", *extra, "--quiet")
+    res = run(module, example.WEIGHTS, tmp_path / "imgs", *extra, "--quiet")
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "Warning" not in res.stderr, res.stderr
@@ -161,7 +161,7 @@ def test_huge_image_refused_in_one_line(tmp_path, module, width, height, words):
 
 
 def test_image_limit_is_checked_before_decoding(tmp_path, monkeypatch):
-    from data_tools import images
+    from mrc_ref import images
     from mrc_ref.errors import MrcError
 
     path = tmp_path / "x.png"
@@ -174,12 +174,12 @@ def test_image_limit_is_checked_before_decoding(tmp_path, monkeypatch):
 @pytest.mark.parametrize("target", ["weights-via-linked-dir", "image-of-the-folder", "reference"])
 def test_save_logits_never_overwrites_an_input(small_folder, tmp_path, target):
     weights = tmp_path / "w.safetensors"
-    shutil.copy(example_data.WEIGHTS, weights)
+    shutil.copy(example.WEIGHTS, weights)
     folder = tmp_path / "imgs"
     shutil.copytree(small_folder, folder)
     os.symlink(tmp_path, tmp_path / "link")
     reference = tmp_path / "ref.safetensors"
-    shutil.copy(example_data.WEIGHTS, reference)
+    shutil.copy(example.WEIGHTS, reference)
     save = {"weights-via-linked-dir": tmp_path / "link" / "w.safetensors",
             "image-of-the-folder": tmp_path / "link" / "imgs" / "1" / sorted(os.listdir(folder / "1"))[0],
             "reference": tmp_path / "link" / "ref.safetensors"}[target]
@@ -197,7 +197,7 @@ def test_non_finite_logits_are_a_one_line_error(small_folder, tmp_path):
     is blamed on the weights file; no NaN reaches the --json output."""
     from mrc_ref import formats
 
-    tensors, meta = formats.read_safetensors(example_data.WEIGHTS)
+    tensors, meta = formats.read_safetensors(example.WEIGHTS)
     tensors["cls_token"] = tensors["cls_token"].copy()
     tensors["cls_token"][0, 0, 3] = np.nan
     bad = tmp_path / "nan.safetensors"

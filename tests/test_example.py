@@ -8,14 +8,14 @@ import sys
 import numpy as np
 import pytest
 
-from data_tools import example_data
+from mrc_ref import example
 from mrc_ref import formats, metrics, vit
 from mrc_ref.evaluate import model_logits
 
 
 @pytest.fixture(scope="module")
 def original_logits():
-    return model_logits(example_data.WEIGHTS, example_data.TEST_IMAGES)
+    return model_logits(example.WEIGHTS, example.TEST_IMAGES)
 
 
 def test_forward_matches_pytorch_logits(original_logits):
@@ -23,7 +23,7 @@ def test_forward_matches_pytorch_logits(original_logits):
     torch model (float32); ours runs in float64. Logits are O(10): float32
     accumulation over a 4-block model leaves differences near 1e-5."""
     logits, labels = original_logits
-    torch_logits = np.load(example_data.EXAMPLE_DIR + "/test_logits.npy")
+    torch_logits = np.load(example.EXAMPLE_DIR + "/test_logits.npy")
     assert logits.shape == torch_logits.shape == (497, 10)
     assert np.abs(logits - torch_logits).max() < 1e-4
     assert metrics.topk_accuracy(logits, labels) > 0.95
@@ -33,7 +33,7 @@ def test_factored_path_equals_densified(tmp_path):
     """A compressed file evaluated through the factored path equals the same
     model with its weights rebuilt dense (float64 throughout: round-off only)."""
     out = tmp_path / "c.safetensors"
-    subprocess.run([sys.executable, "-m", "mrc_ref.compress", example_data.WEIGHTS, example_data.ACTS, "-o", str(out),
+    subprocess.run([sys.executable, "-m", "mrc_ref.compress", example.WEIGHTS, example.ACTS, "-o", str(out),
                     "--compensation", "local", "--steps", "20", "--quiet"], check=True, capture_output=True)
     tensors, meta = formats.read_safetensors(out)
     dense = formats.densify(tensors, dtype=np.float64)
@@ -53,11 +53,11 @@ def test_sequential_beats_local_and_none_on_held_out_images(tmp_path, original_l
     for mode in ("sequential", "local", "none"):
         out = tmp_path / f"{mode}.safetensors"
         report = tmp_path / f"{mode}.json"
-        subprocess.run([sys.executable, "-m", "mrc_ref.compress", example_data.WEIGHTS, example_data.ACTS,
+        subprocess.run([sys.executable, "-m", "mrc_ref.compress", example.WEIGHTS, example.ACTS,
                         "-o", str(out), "--report", str(report), "--compensation", mode, "--quiet"],
                        check=True, capture_output=True)
         assert json.loads(report.read_text())["config"]["compensation"] == mode
-        logits, _ = model_logits(str(out), example_data.TEST_IMAGES)
+        logits, _ = model_logits(str(out), example.TEST_IMAGES)
         errors[mode] = metrics.output_nmse(logits, reference)
     print("output NMSE on held-out images:", errors)
     assert errors["sequential"] < errors["local"] < errors["none"]

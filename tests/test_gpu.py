@@ -43,9 +43,9 @@ import numpy as np
 import pytest
 from helpers import stage_one
 
-from data_tools import example_data, synthetic
+from data_tools import synthetic
+from mrc_ref import backend, compensate, example, formats, layout, pipeline, stats, svd, vit
 from data_tools.capture import capture_statistics
-from mrc_ref import backend, compensate, formats, layout, pipeline, stats, svd, vit
 from mrc_ref.errors import MrcError
 from mrc_ref.sequential import make_sequential
 
@@ -157,7 +157,7 @@ def test_exact_residual(damp):
 
 # ---------------------------------------------------------------- the pipeline (embedded example)
 def _example_float64():
-    tensors, metadata = formats.read_safetensors(example_data.WEIGHTS)
+    tensors, metadata = formats.read_safetensors(example.WEIGHTS)
     return {k: v.astype(np.float64) for k, v in tensors.items()}, metadata
 
 
@@ -169,7 +169,7 @@ def dense(tensors, name):
 def _run(xp, compensation):
     tensors, metadata = _example_float64()
     config = pipeline.Config(reduction=0.5, compensation=compensation)
-    with formats.open_activations(example_data.ACTS) as f:
+    with formats.open_activations(example.ACTS) as f:
         proxy = formats.read_proxy_tokens(f)[:64]
         sequential = make_sequential(tensors, metadata, proxy) if compensation == "sequential" else None
         return pipeline.run(tensors, lambda name: formats.read_layer_stats(f, name), config, xp=xp,
@@ -223,7 +223,7 @@ def test_forward(runs, model):
 def test_evaluate_logits():
     from mrc_ref.evaluate import model_logits
 
-    (ref, labels), (got, labels2) = (model_logits(example_data.WEIGHTS, example_data.TEST_IMAGES, limit=64,
+    (ref, labels), (got, labels2) = (model_logits(example.WEIGHTS, example.TEST_IMAGES, limit=64,
                                                   batch_size=32, device=d) for d in ("cpu", "cuda"))
     assert isinstance(got, np.ndarray) and np.array_equal(labels, labels2)
     close(ref, got, FORWARD_RTOL)

@@ -1,4 +1,4 @@
-"""Tests of data_tools.images: folder listing, the DeiT eval transform, loading errors."""
+"""Tests of mrc_ref.images: folder listing, the DeiT eval transform, loading errors."""
 
 import os
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_tools import images
-from data_tools.images import (
+from mrc_ref import images
+from mrc_ref.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     eval_transform,

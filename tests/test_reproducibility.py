@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from data_tools import example_data
+from mrc_ref import example
 from mrc_ref import formats, layout
 
 #: Relative Frobenius distance allowed between runs, per layer, in float64.
@@ -27,7 +27,7 @@ def test_blas_thread_count_does_not_change_the_weights(tmp_path):
     sequential exact compensation) in two processes with 1 and 2 BLAS threads:
     densified weights and the stored factors themselves (sign convention)
     agree per layer within 1e-9."""
-    tensors, meta = formats.read_safetensors(example_data.WEIGHTS)
+    tensors, meta = formats.read_safetensors(example.WEIGHTS)
     weights = tmp_path / "w64.safetensors"
     formats.write_safetensors(weights, {k: v.astype(np.float64) if v.dtype == np.float32 else v
                                         for k, v in tensors.items()}, meta)
@@ -36,7 +36,7 @@ def test_blas_thread_count_does_not_change_the_weights(tmp_path):
         env = dict(os.environ, OPENBLAS_NUM_THREADS=threads, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         out = tmp_path / f"t{threads}.safetensors"
         runs[threads] = (out, subprocess.Popen([sys.executable, "-m", "mrc_ref.compress", str(weights),
-                                                example_data.ACTS, "-o", str(out), "--quiet"], env=env,
+                                                example.ACTS, "-o", str(out), "--quiet"], env=env,
                                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     for out, proc in runs.values():
         assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
