@@ -18,7 +18,7 @@ from .backend import to_host
 from .compensate import DEFAULT_DAMP
 
 __all__ = ["EXCESS_FLOOR", "as_host", "output_spectrum", "nmse_tail", "optimal_nmse_curve", "eigen_gap", "excess",
-           "metric_norm_sq", "certify_stage1", "certify_residual",
+           "metric_norm_sq", "certify_stage1", "certify_residual", "rounding_bound",
            "matrix", "factor_pair", "failure", "g8"]
 
 #: Below this an NMSE or loss is round-off of an exact reconstruction: an
@@ -163,7 +163,7 @@ def metric_norm_sq(D, C):
     return float(np.sum(D * D)) if C is None else max(float(np.sum((D @ C) * D)), 0.0)
 
 
-def certify_stage1(W, C, A, B):
+def certify_stage1(W, C, A, B, *, residual=None):
     """Certificate of a Stage-1 factorization ``A B`` of ``W`` under ``C``.
 
     Compares the achieved normalized output error
@@ -178,11 +178,18 @@ def certify_stage1(W, C, A, B):
     ``B`` (both gauge-invariant). Stationarity holds at every critical point;
     the NMSE ratio is what certifies the global optimum.
 
+    One eigendecomposition of the output Gram gives the optimum at every
+    rank (``nmse_optimal_curve``) and the optimal subspace; ``W C`` and
+    ``(W − A B) C`` are formed once each.
+
     Parameters
     ----------
     W : array (m, n)
     C : array (n, n)
     A : array (m, r), B : array (r, n)
+    residual : (P (m, q), Q (q, n)), optional
+        The layer's residual pair: its whole NMSE, of ``A B + P Q``, is
+        returned too (``nmse_layer``).
 
     Returns
     -------
@@ -196,7 +203,8 @@ def certify_stage1(W, C, A, B):
         principal angle (radians) between the column space of ``A`` and the
         optimal output subspace ``span(U_r)`` (None at r = 0 or beyond the
         rank of ``W C Wᵀ``); ``stationarity_left`` ``‖Π_A R‖_F / ‖W C‖_F`` and
-        ``stationarity_right`` ``‖R Π_B‖_F / ‖W C‖_F``.
+        ``stationarity_right`` ``‖R Π_B‖_F / ‖W C‖_F``; with ``residual``,
+        ``nmse_layer``.
     """
     W, C = matrix(W, "W"), matrix(C, "C")
     A, B = factor_pair(A, B)
@@ -207,16 +215,23 @@ def certify_stage1(W, C, A, B):
     s2, U = output_spectrum(W, C, vectors=True)
     curve = nmse_tail(s2)
     D = W - A @ B
-    nmse = metric_norm_sq(D, C) / metric_norm_sq(W, C)
+    R, WC = D @ C, W @ C
+    energy = max(float(np.sum(WC * W)), 0.0)
+    nmse = max(float(np.sum(R * D)), 0.0) / energy
     optimal = float(curve[min(r, len(s2))])
-    R = D @ C
-    scale = float(np.linalg.norm(W @ C)) or 1.0
+    scale = float(np.linalg.norm(WC)) or 1.0
     left = scipy.linalg.orth(A) if r else np.zeros((m, 0))
     right = scipy.linalg.orth(B.T) if r else np.zeros((n, 0))
     angle = None
     if 0 < r <= len(s2) and s2[r - 1] > 0 and left.shape[1]:
         angle = float(np.max(scipy.linalg.subspace_angles(left, U[:, :r])))
+    out = {}
+    if residual is not None:
+        P, Q = factor_pair(*residual, "P Q")
+        D_layer = D - P @ Q
+        out["nmse_layer"] = max(float(np.sum((R - P @ (Q @ C)) * D_layer)), 0.0) / energy
     return {
+        **out,
         "rank": r,
         "nmse": float(nmse),
         "nmse_optimal": optimal,
@@ -299,3 +314,39 @@ def certify_residual(W, A, B, P, Q, C, *, K=None, Ct=None, damp=DEFAULT_DAMP):
             "delta": delta}
 
 
+def rounding_bound(A, B, half_A, half_B, C):
+    """An upper bound of ``‖(A B − Ã B̃) S‖_F`` (``S Sᵀ = C``) over every
+    ``Ã``, ``B̃`` that round to the stored ``A``, ``B``: entries within half a
+    quantization step, ``|Ã_ij − A_ij| ≤ half_A[i]``, ``|B̃_jk − B_jk| ≤ half_B[j]``.
+
+    With ``E_A = Ã − A``, ``E_B = B̃ − B``: ``A B − Ã B̃ = −(E_A B + A E_B + E_A E_B)``,
+    so by the triangle inequality and ``‖X Y‖_F ≤ ‖X‖_F ‖Y‖_2``
+
+        ‖·‖ ≤ e_A ‖B S‖_2 + (‖A‖_2 + e_A) e_B √λ_max(C),
+        e_A = (r Σ_i half_A[i]²)^½ ≥ ‖E_A‖_F,   e_B = (n Σ_j half_B[j]²)^½ ≥ ‖E_B‖_F.
+
+    A certificate of int8 factors is then the optimum's up to this bound:
+    the unrounded factors are unknown, so no closer claim can be made.
+
+    Parameters
+    ----------
+    A : array (m, r), B : array (r, n)
+        The dequantized factors as stored.
+    half_A : array (m,) or None, half_B : array (r,) or None
+        Half the quantization step of each row (``scale / 2``); None for a
+        factor stored exactly.
+    C : array (n, n)
+
+    Returns
+    -------
+    float
+    """
+    A, B, C = matrix(A, "A"), matrix(B, "B"), matrix(C, "C")
+    r, n = B.shape
+    e_A = 0.0 if half_A is None else float(np.sqrt(r * np.sum(as_host(half_A) ** 2)))
+    e_B = 0.0 if half_B is None else float(np.sqrt(n * np.sum(as_host(half_B) ** 2)))
+    lam_C = float(scipy.linalg.eigvalsh((C + C.T) / 2, subset_by_index=[n - 1, n - 1])[0]) if n else 0.0
+    G = B @ C @ B.T
+    lam_BCB = float(scipy.linalg.eigvalsh((G + G.T) / 2)[-1]) if r else 0.0
+    norm_A = float(np.linalg.norm(A, 2)) if A.size else 0.0
+    return e_A * max(lam_BCB, 0.0) ** 0.5 + (norm_A + e_A) * e_B * max(lam_C, 0.0) ** 0.5

@@ -38,13 +38,39 @@ def _is_image_name(name):
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _images_under(directory):
+def _identity(path):
+    """``(device, inode)`` of what ``path`` names (links followed), or None."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _images_under(directory, seen_dirs, seen_files):
     """Image files below ``directory`` in torchvision ``ImageFolder`` order
-    (``sorted(os.walk(...))``, then sorted file names)."""
+    (``sorted(os.walk(...))``, then sorted file names).
+
+    Links are followed, but no directory is entered twice and no file is
+    listed twice (both by device and inode), so a link to ``.`` neither
+    loops nor counts a file again; only regular files are images (a FIFO
+    named ``x.png`` would block a reader forever)."""
+    walked = []
+    for root, dirs, files in os.walk(directory, followlinks=True):  # pruned as it goes: never sorted() first
+        identity = _identity(root)
+        if identity in seen_dirs:
+            dirs[:] = []
+            continue
+        seen_dirs.add(identity)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        walked.append((root, files))
     found = []
-    for root, dirs, files in sorted(os.walk(directory, followlinks=True)):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found.extend(os.path.join(root, f) for f in sorted(files) if _is_image_name(f))
+    for root, files in sorted(walked):
+        for f in sorted(files):
+            path = os.path.join(root, f)
+            if _is_image_name(f) and os.path.isfile(path) and _identity(path) not in seen_files:
+                seen_files.add(_identity(path))
+                found.append(path)
     return found
 
 
@@ -60,7 +86,9 @@ def list_images(folder):
     * a flat folder of image files: ``labels`` and ``class_names`` are None.
 
     Files whose name does not end in one of :data:`IMAGE_EXTENSIONS`
-    (case-insensitive) and hidden entries (``.name``) are ignored.
+    (case-insensitive), hidden entries (``.name``) and anything but regular
+    files are ignored. Links are followed, but each directory and each file
+    is visited once (by device and inode).
 
     Parameters
     ----------
@@ -87,7 +115,7 @@ def list_images(folder):
     except OSError as exc:
         raise MrcError(f"cannot list image folder: {exc.strerror or exc}", file=folder) from None
     class_names = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
-    loose = [e.path for e in entries if e.is_file() and _is_image_name(e.name)]
+    loose = [e.path for e in entries if e.is_file() and _is_image_name(e.name)]  # regular files (links followed)
 
     if not class_names:
         if not loose:
@@ -100,8 +128,9 @@ def list_images(folder):
             file=folder,
         )
     paths, labels = [], []
+    seen_dirs, seen_files = {_identity(folder)}, set()
     for index, name in enumerate(class_names):
-        found = _images_under(os.path.join(folder, name))
+        found = _images_under(os.path.join(folder, name), seen_dirs, seen_files)
         if not found:
             raise MrcError(f"class folder {name!r} holds no images", file=os.path.join(folder, name))
         paths.extend(found)
@@ -152,6 +181,12 @@ def resize_shorter(img, shorter):
     Returns
     -------
     PIL.Image.Image
+
+    Raises
+    ------
+    MrcError
+        The resized image would be over :data:`MAX_PIXELS` (an extreme
+        aspect ratio), checked before it is allocated.
     """
     from PIL import Image
 
@@ -160,6 +195,9 @@ def resize_shorter(img, shorter):
         new_w, new_h = shorter, int(shorter * height / width)
     else:
         new_w, new_h = int(shorter * width / height), shorter
+    if new_w * new_h > MAX_PIXELS:  # an extreme aspect ratio: the resized image, not the file, is too large
+        raise MrcError(f"image is {width}×{height}: resizing its shorter side to {shorter} gives {new_w}×{new_h} = "
+                       f"{new_w * new_h / 1e6:.1f} megapixels, over the limit of {MAX_PIXELS / 1e6:g} megapixels")
     if (new_w, new_h) == (width, height):
         return img
     return img.resize((new_w, new_h), Image.BICUBIC)
@@ -231,8 +269,9 @@ def load_image(path, **transform_kw):
     ------
     MrcError
         Naming the file: missing, unreadable, not an image, truncated, of
-        an unsupported mode, or over :data:`MAX_PIXELS` (checked from the
-        header, before decoding).
+        an unsupported mode, not a regular file, or over :data:`MAX_PIXELS`
+        (checked from the header, before decoding, and for the resized image
+        before it is allocated).
 
     Notes
     -----
@@ -243,6 +282,8 @@ def load_image(path, **transform_kw):
     from PIL import Image
 
     path = os.fspath(path)
+    if not os.path.isfile(path):  # a FIFO or a device would block the reader
+        raise MrcError("not a regular file", file=path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

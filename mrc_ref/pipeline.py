@@ -17,7 +17,7 @@ from . import allocate, compensate, sensitivity, stats, svd, vit
 from .backend import DEVICES, DTYPES, device_name, get_dtype, to_host
 from .errors import ConfigError, MrcError, describe
 
-__all__ = ["Config", "DEFAULT_LAYERS", "COMPENSATIONS", "MAX_LR", "run", "stage1", "check_config",
+__all__ = ["Config", "DEFAULT_LAYERS", "COMPENSATIONS", "MAX_LR", "run", "stage1", "check_config", "config_from_json",
            "select_layers", "count_params"]
 
 #: The timm ViT block linears, in forward order within a block.
@@ -130,6 +130,37 @@ def check_config(config):
         sensitivity.check_weights(config.sensitivity)
     if not config.layers:
         raise ConfigError("layers", "selects no pattern")
+
+
+def config_from_json(data):
+    """The :class:`Config` of a JSON object (a stored configuration), checked
+    like options of a command line (:func:`check_config`).
+
+    Keys that ``Config`` does not know are refused unless they are null (an
+    option added after the object was written keeps its default); ``layers``
+    must be a list (a string is not split into characters).
+
+    Raises
+    ------
+    ConfigError
+        Naming the field.
+    MrcError
+        ``data`` is not an object, or sets unknown options.
+    """
+    if not isinstance(data, dict):
+        raise MrcError(f"the configuration is not a JSON object (got {describe(data)})")
+    fields = {f.name for f in dataclasses.fields(Config)}
+    unknown = [k for k, v in data.items() if k not in fields and v is not None]
+    if unknown:
+        raise MrcError(f"the configuration sets options this version of mrc_ref does not know: {', '.join(unknown)}")
+    kwargs = {k: v for k, v in data.items() if k in fields}
+    if "layers" in kwargs:
+        if not isinstance(kwargs["layers"], list):
+            raise ConfigError("layers", f"must be a list of glob patterns, got {describe(kwargs['layers'])}")
+        kwargs["layers"] = tuple(kwargs["layers"])
+    config = Config(**kwargs)
+    check_config(config)
+    return config
 
 
 _VIT_ORDER = {leaf: i for i, leaf in enumerate(vit.BLOCK_LINEARS)}

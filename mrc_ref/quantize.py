@@ -33,9 +33,10 @@ Layout (docs/formats.md, "int8 tensors"): ``<key>`` int8 and
 import numpy as np
 
 from .errors import MrcError
+from .layout import FACTOR_SUFFIXES
 
 __all__ = ["SCHEME", "QMAX", "SCALE_SUFFIX", "MATRIX_SUFFIXES", "quantize", "dequantize", "quantize_tensors",
-           "dequantize_tensors", "quantized_keys", "quantizable_keys", "linear_layers", "storage_bytes"]
+           "dequantize_tensors", "check_quantized", "quantized_keys", "quantizable_keys", "linear_layers", "storage_bytes"]
 
 #: Name of the scheme, recorded in a quantized file's metadata.
 SCHEME = "int8-symmetric-per-channel"
@@ -44,7 +45,7 @@ QMAX = 127
 #: Suffix of the per-row scale of an int8 tensor ``<key>``.
 SCALE_SUFFIX = ".scale"
 #: The tensors of a linear layer ``<name>`` that are quantized when present.
-MATRIX_SUFFIXES = ("weight", "lowrank_a", "lowrank_b", "residual_p", "residual_q")
+MATRIX_SUFFIXES = ("weight",) + FACTOR_SUFFIXES
 
 
 def quantize(w, xp):
@@ -169,6 +170,38 @@ def quantized_keys(tensors):
             and np.dtype(tensors[k[: -len(SCALE_SUFFIX)]].dtype) == np.int8]
 
 
+def check_quantized(tensors, xp=np):
+    """Check every int8 tensor of a model and its scale.
+
+    An int8 ``<key>`` must be 2-D with a ``<key>.scale`` beside it (bare codes
+    are not weights), the scale a finite, non-negative float vector of one
+    entry per row, and a zero scale only on a row of zero codes (a zero
+    scale on non-zero codes would silently zero the row).
+
+    Raises
+    ------
+    MrcError
+        Naming the tensor.
+    """
+    for key, q in tensors.items():
+        if np.dtype(q.dtype) != np.int8:
+            continue
+        scale = tensors.get(key + SCALE_SUFFIX)
+        if scale is None:
+            raise MrcError(f"int8 tensor {key} has no {key}{SCALE_SUFFIX}: its codes are not weights")
+        if q.ndim != 2:
+            raise MrcError(f"int8 tensor {key} has shape {tuple(q.shape)}, expected 2-D (rows, cols)")
+        if tuple(scale.shape) != (q.shape[0],) or not np.issubdtype(scale.dtype, np.floating):
+            raise MrcError(f"{key}{SCALE_SUFFIX} has shape {tuple(scale.shape)} and dtype {scale.dtype}, "
+                           f"expected float ({q.shape[0]},): one scale per row of {key}")
+        s = xp.asarray(scale).astype(xp.float64)
+        if not bool(xp.all(xp.isfinite(s) & (s >= 0))):
+            raise MrcError(f"{key}{SCALE_SUFFIX} holds a negative or non-finite scale")
+        dead = (s == 0) & xp.any(xp.asarray(q) != 0, axis=1)
+        if bool(xp.any(dead)):
+            raise MrcError(f"{key}{SCALE_SUFFIX} is 0 on row {int(xp.argmax(dead))}, whose int8 codes are not all 0")
+
+
 def dequantize_tensors(tensors, xp=np, dtype=np.float64):
     """Replace every int8 ``<key>`` that has a ``<key>.scale`` by ``q · s``
     (:func:`dequantize`, in ``dtype``) and drop the scales; every other tensor
@@ -188,24 +221,15 @@ def dequantize_tensors(tensors, xp=np, dtype=np.float64):
     Raises
     ------
     MrcError
-        A scale that is not a finite, non-negative float vector of one entry
-        per row of its tensor, or an int8 tensor that is not 2-D.
+        :func:`check_quantized` refuses the model.
     """
+    check_quantized(tensors, xp)
     keys = quantized_keys(tensors)
     if not keys:
         return tensors
     out = dict(tensors)
     for key in keys:
-        q, scale = tensors[key], tensors[key + SCALE_SUFFIX]
-        if q.ndim != 2:
-            raise MrcError(f"int8 tensor {key} has a scale but shape {tuple(q.shape)}, expected 2-D (rows, cols)")
-        if tuple(scale.shape) != (q.shape[0],) or not np.issubdtype(scale.dtype, np.floating):
-            raise MrcError(f"{key}{SCALE_SUFFIX} has shape {tuple(scale.shape)} and dtype {scale.dtype}, "
-                           f"expected float ({q.shape[0]},): one scale per row of {key}")
-        s = xp.asarray(scale)
-        if not bool(xp.all(xp.isfinite(s) & (s >= 0))):
-            raise MrcError(f"{key}{SCALE_SUFFIX} holds a negative or non-finite scale")
-        out[key] = dequantize(q, s, xp, dtype)
+        out[key] = dequantize(tensors[key], tensors[key + SCALE_SUFFIX], xp, dtype)
         del out[key + SCALE_SUFFIX]
     return out
 

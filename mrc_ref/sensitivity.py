@@ -25,7 +25,7 @@ import math
 
 import numpy as np
 
-from .errors import MrcError
+from .errors import MrcError, describe
 
 __all__ = ["check_weight", "check_weights", "default_weight", "layer_weights", "fit", "per_layer"]
 
@@ -37,9 +37,13 @@ def _is_number(value):
 def check_weight(value):
     """The problem with a weight, or ``None`` when it is a finite number ``≥ 0``."""
     if not _is_number(value):
-        return f"weight must be a number, got {value!r}"
-    if not math.isfinite(float(value)):
-        return f"weight must be finite, got {float(value)}"
+        return f"weight must be a number, got {describe(value)}"
+    try:
+        number = float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        return f"weight must be a finite float64, got an integer of {len(str(abs(value)))} digits"
+    if not math.isfinite(number):
+        return f"weight must be finite, got {number}"
     if float(value) < 0:
         return f"weight must be ≥ 0, got {float(value):g}"
     return None
@@ -58,12 +62,15 @@ def check_weights(weights):
         problem = check_weight(value)
         if problem:
             raise MrcError(problem, layer=name)
+    if not math.isfinite(math.fsum(float(w) for w in weights.values())):
+        raise MrcError("sensitivity weights sum to more than the largest float64: scale them down (the allocation "
+                       "depends only on their ratios)")
 
 
 def default_weight(weights):
     """The weight of a layer the mapping does not name: the mean of the given
     weights (see the module docstring)."""
-    return float(np.mean([float(w) for w in weights.values()]))
+    return float(np.mean([float(w) for w in weights.values()]))  # finite: check_weights bounds the sum
 
 
 def layer_weights(names, weights, known=None):

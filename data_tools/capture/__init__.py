@@ -33,7 +33,7 @@ import numpy as np
 from mrc_ref import vit
 from mrc_ref.backend import get_xp, to_device, to_host
 from mrc_ref.errors import MrcError
-from mrc_ref.formats import check_output, read_safetensors, write_activations
+from mrc_ref.formats import check_output, read_model, write_activations
 from mrc_ref.images import (DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, list_images, load_image,
                             model_input_size)
 from mrc_ref.progress import counter
@@ -282,7 +282,7 @@ def capture_part(weights, images_folder, *, shard=(0, 1), max_images=None, proxy
     """
     index, count = shard
     xp = get_xp(device)
-    tensors, metadata = read_safetensors(weights)
+    tensors, metadata = read_model(weights)
     try:
         heads = vit.resolve_num_heads(tensors, num_heads, metadata)
         size = model_input_size(tensors)
@@ -326,6 +326,15 @@ def store(layers, store_dtype):
                    for k, v in st.items()} for name, st in layers.items()}
 
 
+def check_capture_output(output, weights, images_folder):
+    """Refuse, before any work, an ``acts.h5`` output that is the weights or
+    any image of the folder (by any path); the check of every writer of a
+    capture (``capture``, ``distributed``). Returns the folder's image paths."""
+    paths = list_images(images_folder)[0]
+    check_output(output, (weights, *paths))
+    return paths
+
+
 def run(weights, images_folder, output, *, max_images=None, shard=(0, 1), proxy_images=DEFAULT_PROXY_IMAGES,
         batch_size=DEFAULT_BATCH_SIZE, num_heads=None, device="cpu", quiet=False, dtype="float64",
         store_dtype="float64"):
@@ -334,8 +343,7 @@ def run(weights, images_folder, output, *, max_images=None, shard=(0, 1), proxy_
     Statistics are accumulated in float64 and stored as ``store_dtype``
     (float32 halves the file; the format allows both)."""
     get_xp(device)  # --device cuda without a GPU fails before anything is read
-    paths = list_images(images_folder)[0]
-    check_output(output, (weights, *paths))  # fail before the work, not after it; never over an image
+    paths = check_capture_output(output, weights, images_folder)
     total = len(paths)
     total = total if max_images is None else min(total, max_images)
     start, stop = shard_bounds(shard[0], shard[1], total)

@@ -27,7 +27,7 @@ import numpy as np
 
 from mrc_ref import vit
 from mrc_ref.errors import MrcError
-from mrc_ref.formats import read_safetensors, write_safetensors
+from mrc_ref.formats import check_input, read_model, write_safetensors
 from mrc_ref.layout import FACTOR_SUFFIXES
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -164,6 +164,9 @@ def _check_canonical(tensors):
             for kind in ("weight", "bias"):
                 if f"blocks.{i}.{norm}.{kind}" not in tensors:
                     raise MrcError("missing tensor", layer=f"blocks.{i}.{norm}.{kind}")
+    for key, value in tensors.items():
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            raise MrcError("contains NaN or Inf", layer=key)
     if "head_dist.weight" in tensors and "dist_token" not in tensors:
         raise MrcError("head_dist without dist_token", layer="head_dist")
     d = int(tensors["patch_embed.proj.weight"].shape[0])
@@ -247,12 +250,10 @@ def load_checkpoint(path):
     container : str
         ``"safetensors"`` or ``"pytorch"``.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise MrcError("no such file", file=path)
+    path = check_input(path)  # a FIFO or a link loop is refused before anything opens it
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".safetensors":
-        tensors, metadata = read_safetensors(path)
+        tensors, metadata = read_model(path)
         return tensors, metadata, "safetensors"
     if suffix not in TORCH_SUFFIXES:
         raise MrcError(

@@ -24,7 +24,7 @@ def build_parser():
 
 def main(argv=None):
     def body(args):
-        formats.check_output(args.output, (args.weights,))
+        capture.check_capture_output(args.output, args.weights, args.images_folder)
         with connect(args.dask) as client:
             layers, proxy, attrs = capture_on_cluster(
                 client, args.weights, args.images_folder, shards=args.shards, max_images=args.max_images,

@@ -26,7 +26,7 @@ import functools
 import h5py
 import numpy as np
 
-from mrc_ref.errors import MrcError
+from mrc_ref.errors import MrcError, describe
 from mrc_ref.formats import check_output, open_activations, read_layer_stats, read_proxy_tokens, write_activations
 
 from ..capture import store
@@ -51,6 +51,19 @@ def _plain(value):
     if isinstance(value, bytes):
         return value.decode()
     return getattr(value, "item", lambda: value)()
+
+
+#: Attributes that are counts: integers (never booleans, floats or strings).
+COUNTS = ("shard_index", "shard_count", "num_images", "images_total", "num_heads", "proxy_images")
+
+
+def _count(values, key, source):
+    value = values[key]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise MrcError(f"attribute {key!r} must be an integer, got {describe(value)}", file=source)
+    if value < 0:
+        raise MrcError(f"attribute {key!r} must be ≥ 0, got {value}", file=source)
+    return int(value)
 
 
 def _shard_size(index, count, total):
@@ -100,10 +113,13 @@ def make_part(layers, proxy, attrs, source, layout=None, proxy_needed=True):
                        "python -m data_tools.capture of this version; capture it again (with --shard K/N)",
                        file=source)
     values = {key: _plain(attrs[key]) for key in REQUIRED}
-    index, count, total, images = (int(values[k]) for k in ("shard_index", "shard_count", "images_total",
-                                                            "num_images"))
+    for key in COUNTS:
+        values[key] = _count(values, key, source)
+    index, count, total, images = (values[k] for k in ("shard_index", "shard_count", "images_total", "num_images"))
     if not (count >= 1 and 0 <= index < count):
         raise MrcError(f"bad shard {index}/{count}", file=source)
+    if total < 1:
+        raise MrcError("the capture holds no image (images_total is 0)", file=source)
     if images != _shard_size(index, count, total):
         raise MrcError(f"holds {images} images, but shard {index}/{count} of {total} images holds "
                        f"{_shard_size(index, count, total)}", file=source)
@@ -121,9 +137,15 @@ def make_part(layers, proxy, attrs, source, layout=None, proxy_needed=True):
             raise MrcError(f"statistics of inconsistent shapes: gram {gram.shape}, sum {total_sum.shape}, "
                            f"gram_normalized {None if normalized is None else np.shape(normalized)}",
                            file=source, layer=name)
+        rows = st["rows"]
+        if isinstance(rows, (bool, np.bool_)) or not isinstance(rows, (int, np.integer)) or rows < 0:
+            raise MrcError(f"rows must be a non-negative integer, got {describe(rows)}", file=source, layer=name)
+        for what, value in (("gram", gram), ("sum", total_sum), ("gram_normalized", normalized)):
+            if value is not None and not np.isfinite(np.asarray(value, dtype=np.float64)).all():
+                raise MrcError(f"{what} contains NaN or Inf", file=source, layer=name)
         if normalized is not None:
             normalized = np.asarray(normalized, dtype=np.float64) * images
-        out_layers[name] = {"gram": gram, "sum": total_sum, "rows": int(st["rows"]), "gram_normalized": normalized}
+        out_layers[name] = {"gram": gram, "sum": total_sum, "rows": int(rows), "gram_normalized": normalized}
     keep = min(max(int(values["proxy_images"]) - index * total // count, 0), images)
     tokens = None
     if keep and proxy_needed:
@@ -131,6 +153,8 @@ def make_part(layers, proxy, attrs, source, layout=None, proxy_needed=True):
             raise MrcError(f"holds {0 if proxy is None else len(proxy)} proxy images, expected at least {keep}",
                            file=source)
         tokens = np.asarray(proxy[:keep], dtype=np.float32)
+        if tokens.ndim != 3:
+            raise MrcError(f"proxy/tokens has shape {tokens.shape}, expected (images, tokens, width)", file=source)
     return {
         "attrs": {key: values[key] for key in MATCHING},
         "weights_file": str(_plain(attrs.get("weights_file", ""))),
@@ -139,6 +163,7 @@ def make_part(layers, proxy, attrs, source, layout=None, proxy_needed=True):
         "layout": dict(layout),
         "layers": out_layers,
         "proxy": {index: tokens} if tokens is not None else {},
+        "proxy_shape": None if tokens is None else tuple(tokens.shape[1:]),
     }
 
 
@@ -195,6 +220,9 @@ def check_together(a, b):
         there = [n for n in la if lb.get(n) != la[n]]
         raise MrcError(f"does not belong with {first}: different layers: here {_describe(lb, here)}, "
                        f"there {_describe(la, there)}", file=where)
+    if None not in (a["proxy_shape"], b["proxy_shape"]) and a["proxy_shape"] != b["proxy_shape"]:
+        raise MrcError(f"does not belong with {first}: proxy tokens of shape (*, {', '.join(map(str, b['proxy_shape']))}) "
+                       f"here, (*, {', '.join(map(str, a['proxy_shape']))}) there", file=where)
     both = sorted(set(a["shards"]) & set(b["shards"]))
     if both:
         k, count = both[0], a["attrs"]["shard_count"]
@@ -236,6 +264,7 @@ def combine(a, b):
         "layers": {name: add_layer(a["layers"][name], b["layers"][name])
                    for name in a["layers"] if name in b["layers"]},
         "proxy": {**a["proxy"], **b["proxy"]},
+        "proxy_shape": a["proxy_shape"] or b["proxy_shape"],
     }
 
 
@@ -267,11 +296,12 @@ def finish(part):
     """
     count = int(part["attrs"]["shard_count"])
     first = part["sources"][min(part["sources"])]
-    missing = sorted(set(range(count)) - set(part["shards"]))
-    if missing:
+    if len(part["shards"]) < count:  # the first few missing, found without listing all N (N may be huge)
+        missing = [k for k in range(min(count, len(part["shards"]) + 3)) if k not in part["shards"]][:3]
+        more = count - len(part["shards"]) - len(missing)
         have = ", ".join(f"{k}/{count}" for k in sorted(part["shards"]))
-        raise MrcError(f"incomplete: shard(s) {', '.join(f'{k}/{count}' for k in missing)} missing "
-                       f"(given {have})", file=first)
+        raise MrcError(f"incomplete: shard(s) {', '.join(f'{k}/{count}' for k in missing)}"
+                       f"{f' and {more} more' if more else ''} missing (given {have})", file=first)
     images = sum(part["shards"].values())
     layers = {name: finish_layer(st, images) for name, st in part["layers"].items()}
     tokens = [part["proxy"][k] for k in sorted(part["proxy"])]

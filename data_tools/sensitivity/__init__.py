@@ -294,7 +294,7 @@ def run(weights, acts, output, *, images=None, max_images=None, layers=pipeline.
     
         progress = progress_bar(False)
     start = time.perf_counter()
-    tensors, metadata = formats.read_safetensors(weights)
+    tensors, metadata = formats.read_original(weights)
     try:
         heads = vit.resolve_num_heads(tensors, num_heads, metadata)
         names = pipeline.select_layers(tensors, tuple(layers))

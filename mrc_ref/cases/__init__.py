@@ -17,7 +17,6 @@ cases; :mod:`mrc_ref.cases.reference` computes expected values;
 :mod:`mrc_ref.cases.generate` writes cases (``python -m mrc_ref.cases``).
 """
 
-import dataclasses
 import hashlib
 import os
 import re
@@ -26,6 +25,7 @@ import numpy as np
 
 from .. import formats, pipeline, stats
 from ..formats import read_json
+from ..pipeline import config_from_json
 from ..errors import MrcError
 
 __all__ = ["ROOT", "SCHEMA_VERSION", "CASE_FILES", "MANIFEST", "versions", "resolve_version", "case_ids",
@@ -123,21 +123,6 @@ def check_files(directory, manifest=None):
     extra = sorted(set(os.listdir(directory)) - set(listed) - {MANIFEST})
     problems += [f"{name}: not a file of the case" for name in extra]
     return problems
-
-
-def config_from_json(data):
-    """The :class:`mrc_ref.pipeline.Config` of a ``config.json`` object.
-
-    Keys that ``Config`` does not know are refused unless they are null (an
-    option added after the case was written keeps its default)."""
-    fields = {f.name for f in dataclasses.fields(pipeline.Config)}
-    unknown = [k for k, v in data.items() if k not in fields and v is not None]
-    if unknown:
-        raise MrcError(f"config.json sets options this version of mrc_ref does not know: {', '.join(unknown)}")
-    kwargs = {k: v for k, v in data.items() if k in fields}
-    if "layers" in kwargs:
-        kwargs["layers"] = tuple(kwargs["layers"])
-    return pipeline.Config(**kwargs)
 
 
 def resolve(doc, arrays):

@@ -82,7 +82,7 @@ def compress_files(weights, acts, output, config, *, report_path=None, quiet=Tru
         document = formats.read_sensitivity(sensitivity)
         metric = document["metric"]
         config = dataclasses.replace(config, sensitivity={k: v["weight"] for k, v in document["layers"].items()})
-    tensors, metadata = formats.read_safetensors(weights)
+    tensors, metadata = formats.read_original(weights)
     with formats.open_activations(acts) as f, formats.scratch_space() as scratch:
         pos = tensors.get("pos_embed")
         proxy = (formats.read_proxy_tokens(f, pos.shape[1:] if getattr(pos, "ndim", 0) == 3 else None, acts,
@@ -104,8 +104,8 @@ def compress_files(weights, acts, output, config, *, report_path=None, quiet=Tru
         report["inputs"].update(sensitivity=os.path.basename(sensitivity), sensitivity_metric=metric)
     if quantize is not None:
         out = quantize_output(out, report, quantize)
-    formats.json_text(report, report_path)  # a report JSON cannot hold is refused before anything is written
-    formats.write_safetensors(output, out, formats.compressed_metadata(report, metadata), inputs=inputs)
-    if report_path:
-        formats.write_json(report_path, report, inputs=inputs)
+    blobs = {output: formats.safetensors_bytes(out, formats.compressed_metadata(report, metadata))}
+    if report_path:  # a report JSON cannot hold is refused before anything is written
+        blobs[report_path] = formats.json_text(report, report_path).encode("utf-8")
+    formats.write_files(blobs, inputs)  # both outputs or neither
     return report

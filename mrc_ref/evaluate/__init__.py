@@ -26,7 +26,7 @@ def model_logits(weights, images, *, num_heads=None, batch_size=64, limit=None, 
     labels : ndarray (N,) or None
     """
     xp = get_xp(device)
-    tensors, metadata = formats.read_safetensors(weights)
+    tensors, metadata = formats.read_model(weights)
     try:
         heads = vit.resolve_num_heads(tensors, num_heads, metadata)
         params = vit.prepare(tensors, xp, get_dtype(dtype))

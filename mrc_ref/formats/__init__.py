@@ -16,18 +16,19 @@ The names below are the public surface; ``from mrc_ref import formats`` and
 
 from .acts import ACTS_FORMAT, ACTS_VERSION, open_activations, read_layer_stats, read_proxy_tokens, write_activations
 from .compressed import (COMPRESSED_FORMAT, COMPRESSED_INT8_VERSION, COMPRESSED_VERSION, COMPRESSED_VERSIONS,
-                         compressed_metadata, densify, read_compressed)
+                         check_compressed, compressed_metadata, densify, read_compressed, read_model,
+                         read_original)
 from .documents import (SENSITIVITY_FORMAT, SENSITIVITY_VERSION, json_text, read_json, read_sensitivity,
                         write_json, write_sensitivity)
-from .paths import atomic_path, check_output, check_outputs, same_file, scratch_space
-from .tensors import MAX_HEADER_BYTES, bf16_to_float32, read_safetensors, write_safetensors
+from .paths import atomic_path, check_input, check_output, check_outputs, same_file, scratch_space, write_files
+from .tensors import MAX_HEADER_BYTES, bf16_to_float32, read_safetensors, safetensors_bytes, write_safetensors
 
 __all__ = [
-    "read_safetensors", "write_safetensors", "bf16_to_float32", "MAX_HEADER_BYTES",
+    "read_safetensors", "write_safetensors", "safetensors_bytes", "bf16_to_float32", "MAX_HEADER_BYTES",
     "open_activations", "read_layer_stats", "read_proxy_tokens", "write_activations", "ACTS_FORMAT", "ACTS_VERSION",
-    "read_compressed", "compressed_metadata", "densify", "COMPRESSED_FORMAT", "COMPRESSED_VERSION",
+    "read_model", "read_original", "read_compressed", "check_compressed", "compressed_metadata", "densify", "COMPRESSED_FORMAT", "COMPRESSED_VERSION",
     "COMPRESSED_INT8_VERSION", "COMPRESSED_VERSIONS",
     "read_json", "json_text", "write_json", "read_sensitivity", "write_sensitivity", "SENSITIVITY_FORMAT",
     "SENSITIVITY_VERSION",
-    "check_output", "check_outputs", "atomic_path", "same_file", "scratch_space",
+    "check_input", "check_output", "check_outputs", "atomic_path", "write_files", "same_file", "scratch_space",
 ]

@@ -1,7 +1,6 @@
 """Activation statistics, ``acts.h5`` version 1: the validating reader and
 the atomic writer (docs/formats.md, "Activation statistics")."""
 
-import os
 from contextlib import contextmanager
 
 import h5py
@@ -9,7 +8,7 @@ import numpy as np
 
 from ..errors import MrcError, UnsupportedVersion, describe
 from ..stats import check_declared
-from .paths import atomic_path
+from .paths import atomic_path, check_input
 
 __all__ = ["ACTS_FORMAT", "ACTS_VERSION", "write_activations", "open_activations", "read_layer_stats",
            "read_proxy_tokens"]
@@ -135,11 +134,9 @@ def open_activations(path):
 
     Yields the open ``h5py.File``; datasets are read lazily (streamed).
     """
-    path = os.fspath(path)
+    path = check_input(path)
     try:
         f = h5py.File(path, "r")
-    except FileNotFoundError:
-        raise MrcError("no such file", file=path) from None
     except OSError as exc:
         raise MrcError(f"not a readable HDF5 file ({exc})", file=path) from None
     try:

@@ -5,12 +5,12 @@ import json
 
 import numpy as np
 
-from .. import layout, quantize
-from ..errors import MrcError, UnsupportedVersion
+from .. import layout, pipeline, quantize
+from ..errors import ConfigError, MrcError, UnsupportedVersion, describe
 from .tensors import read_safetensors
 
 __all__ = ["COMPRESSED_FORMAT", "COMPRESSED_VERSION", "COMPRESSED_INT8_VERSION", "COMPRESSED_VERSIONS",
-           "compressed_metadata", "read_compressed", "densify"]
+           "compressed_metadata", "check_compressed", "read_compressed", "read_model", "read_original", "densify"]
 
 COMPRESSED_FORMAT = "mrc_ref.compressed"
 COMPRESSED_VERSION = "1"
@@ -73,32 +73,115 @@ def densify(tensors, dtype=None):
     return {k: v.astype(targets[k]) if k in targets else v for k, v in dense.items()}
 
 
+def _parse(meta, key, kind, path):
+    """The JSON string ``meta[key]`` parsed, checked to be a ``kind``."""
+    try:
+        value = json.loads(meta[key])
+    except KeyError:
+        raise MrcError(f"metadata has no {key!r}", file=path) from None
+    except (TypeError, ValueError) as exc:
+        raise MrcError(f"metadata {key!r} is not valid JSON ({exc})", file=path) from None
+    if not isinstance(value, kind):
+        raise MrcError(f"metadata {key!r} is not a JSON {kind.__name__} (got {describe(value)})", file=path)
+    return value
+
+
+def check_compressed(tensors, meta, path=None):
+    """Check a compressed file's metadata and int8 tensors; return the
+    metadata with ``config``, ``ranks``, ``residual_ranks`` (and, in version
+    2, ``quantization``) parsed from JSON.
+
+    The version must be one this release reads (``"1"``, ``"2"``); version 1
+    holds no int8 tensor; version 2's ``quantization`` names its scheme and
+    exactly the int8 tensors of the file; every int8 tensor has a valid scale
+    (:func:`mrc_ref.quantize.check_quantized`); the stored configuration is
+    checked like options given on a command line
+    (:func:`mrc_ref.pipeline.config_from_json`)."""
+    meta = dict(meta)
+    if meta.get("format") != COMPRESSED_FORMAT:
+        raise MrcError(f"format is {describe(meta.get('format'))}, expected {COMPRESSED_FORMAT!r}", file=path)
+    if meta.get("version") not in COMPRESSED_VERSIONS:
+        raise UnsupportedVersion(f"unsupported version {describe(meta.get('version'))}, expected one of "
+                                 f"{', '.join(repr(v) for v in COMPRESSED_VERSIONS)}", file=path)
+    int8 = meta["version"] == COMPRESSED_INT8_VERSION
+    meta["config"] = _parse(meta, "config", dict, path)
+    meta["ranks"] = _parse(meta, "ranks", dict, path)
+    meta["residual_ranks"] = _parse(meta, "residual_ranks", dict, path)
+    try:
+        pipeline.config_from_json(meta["config"])
+        quantize.check_quantized(tensors)
+    except MrcError as err:
+        raise MrcError(f"stored {err.message}" if isinstance(err, ConfigError) else err.message, file=path,
+                       layer=err.layer) from None
+    stored = sorted(quantize.quantized_keys(tensors))
+    if not int8:
+        if stored:
+            raise MrcError(f"version {COMPRESSED_VERSION} holds int8 tensors with scales; int8 files are version "
+                           f"{COMPRESSED_INT8_VERSION}", file=path)
+        return meta
+    q = meta["quantization"] = _parse(meta, "quantization", dict, path)
+    if q.get("scheme") != quantize.SCHEME:
+        raise MrcError(f"quantization scheme {describe(q.get('scheme'))} is unknown; expected "
+                       f"{quantize.SCHEME!r}", file=path)
+    listed = q.get("tensors")
+    if not isinstance(listed, list) or not all(isinstance(k, str) for k in listed):
+        raise MrcError(f"quantization tensors must be a list of names, got {describe(listed)}", file=path)
+    if sorted(listed) != stored:
+        missing = sorted(set(listed) - set(stored)) or sorted(set(stored) - set(listed))
+        raise MrcError(f"quantization lists {len(listed)} int8 tensors, the file holds {len(stored)} with scales "
+                       f"(first difference: {missing[0]})", file=path)
+    return meta
+
+
 def read_compressed(path):
-    """Read a compressed file; check ``format``/``version``.
+    """Read a compressed file (:func:`check_compressed`).
 
     Returns
     -------
     tensors : dict of str -> ndarray
     metadata : dict
         With ``config``, ``ranks`` and ``residual_ranks`` parsed from JSON (and
-        ``quantization`` in version 2, which must have it; int8 tensors with
-        scales are refused in version 1, whose readers would misread them).
+        ``quantization`` in version 2).
     """
     tensors, meta = read_safetensors(path)
-    if meta.get("format") != COMPRESSED_FORMAT:
-        raise MrcError(f"format is {meta.get('format')!r}, expected {COMPRESSED_FORMAT!r}", file=path)
-    if meta.get("version") not in COMPRESSED_VERSIONS:
-        raise UnsupportedVersion(f"unsupported version {meta.get('version')!r}, expected one of "
-                       f"{', '.join(repr(v) for v in COMPRESSED_VERSIONS)}", file=path)
-    int8 = meta["version"] == COMPRESSED_INT8_VERSION
+    return tensors, check_compressed(tensors, meta, path)
+
+
+def read_model(path):
+    """Read any model file mrc_ref runs: the one reader of model files.
+
+    A file whose metadata says ``format: mrc_ref.compressed`` is checked as
+    one (:func:`check_compressed`: a version this release does not know is
+    refused, its metadata parsed); any other safetensors file is read as
+    stored, its int8 tensors, if any, checked (:func:`mrc_ref.quantize.check_quantized`).
+
+    Returns
+    -------
+    tensors : dict of str -> ndarray
+    metadata : dict
+    """
+    tensors, meta = read_safetensors(path)
+    int8 = set(quantize.quantized_keys(tensors))
+    for key, value in tensors.items():
+        if not (np.issubdtype(value.dtype, np.floating) or key in int8 or np.dtype(value.dtype) == np.int8):
+            raise MrcError(f"tensor {key} has dtype {value.dtype}: a model's parameters are floating point "
+                           "(or int8 with a scale)", file=path)
+    if meta.get("format") == COMPRESSED_FORMAT:
+        return tensors, check_compressed(tensors, meta, path)
     try:
-        for key in ("config", "ranks", "residual_ranks", *(("quantization",) if int8 else ())):
-            meta[key] = json.loads(meta[key])
-    except (KeyError, ValueError) as exc:
-        raise MrcError(f"bad metadata ({exc})", file=path) from None
-    if not int8 and quantize.quantized_keys(tensors):
-        raise MrcError(f"version {COMPRESSED_VERSION} holds int8 tensors with scales; int8 files are version "
-                       f"{COMPRESSED_INT8_VERSION}", file=path)
+        quantize.check_quantized(tensors)
+    except MrcError as err:
+        raise err.at(file=path) from None
     return tensors, meta
 
 
+def read_original(path):
+    """Read an original (dense) model, the input of ``compress``, ``verify``
+    and the report: :func:`read_model`, refusing a compressed or int8 file
+    with a message that says so (rather than finding no layer to compress)."""
+    tensors, meta = read_model(path)
+    if meta.get("format") == COMPRESSED_FORMAT or quantize.quantized_keys(tensors) or layout.factored_layers(tensors):
+        kind = (f"a compressed model ({COMPRESSED_FORMAT} version {meta['version']})"
+                if meta.get("format") == COMPRESSED_FORMAT else "a model with factored or int8 layers")
+        raise MrcError(f"is {kind}; give the original dense weights", file=path)
+    return tensors, meta

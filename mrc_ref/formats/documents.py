@@ -5,8 +5,8 @@ import json
 import os
 
 from ..errors import MrcError, UnsupportedVersion, describe
-from ..sensitivity import check_weight
-from .paths import atomic_path
+from ..sensitivity import check_weight, check_weights
+from .paths import atomic_path, check_input
 from .tensors import MAX_HEADER_BYTES
 
 __all__ = ["json_text", "write_json", "read_json", "SENSITIVITY_FORMAT", "SENSITIVITY_VERSION",
@@ -82,6 +82,10 @@ def _check_sensitivity(doc, path):
                 raise MrcError(f"point {i} must be a pair [nmse, error] of finite numbers ≥ 0, "
                                f"got {describe(point)}", file=path, layer=name)
         out[name] = {"weight": float(entry["weight"]), "points": [(float(x), float(y)) for x, y in points]}
+    try:
+        check_weights({name: entry["weight"] for name, entry in out.items()})
+    except MrcError as err:
+        raise err.at(file=path) from None
     return {"metric": metric, "layers": out}
 
 
@@ -90,7 +94,7 @@ def read_json(path, what="JSON file"):
     UTF-8, no repeated key in an object; ``NaN``/``Infinity`` are parsed as
     floats (the caller's checks refuse them). Raises :class:`MrcError`
     naming the file."""
-    path = os.fspath(path)
+    path = check_input(path)
     try:
         with open(path, "rb") as fh:
             blob = fh.read(MAX_HEADER_BYTES + 1)

@@ -1,7 +1,9 @@
-"""Paths of outputs: the checks made before any work, atomic writes, and
+"""Paths: inputs checked before they are opened, outputs checked before any
+work and written atomically (all of a run's outputs or none), and
 disk-backed scratch arrays."""
 
 import os
+import stat
 import tempfile
 from contextlib import contextmanager
 
@@ -9,7 +11,27 @@ import numpy as np
 
 from ..errors import MrcError
 
-__all__ = ["same_file", "check_output", "check_outputs", "atomic_path", "scratch_space"]
+__all__ = ["check_input", "same_file", "check_output", "check_outputs", "atomic_path", "write_files",
+           "scratch_space"]
+
+
+def check_input(path):
+    """Raise :class:`MrcError` unless ``path`` names a readable regular file
+    (links followed): a missing file, a link loop, a directory, a FIFO or a
+    device is refused before anything opens it (a FIFO would block the
+    reader forever). Returns ``path`` as a string."""
+    path = os.fspath(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise MrcError("no such file", file=path) from None
+    except OSError as exc:
+        raise MrcError(f"cannot read: {exc.strerror or exc}", file=path) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise MrcError("cannot read: is a directory, not a file", file=path)
+    if not stat.S_ISREG(st.st_mode):
+        raise MrcError("cannot read: not a regular file (a FIFO, socket or device)", file=path)
+    return path
 
 
 def _resolved(path):
@@ -35,18 +57,29 @@ def check_output(path, inputs=(), outputs=()):
     other ``outputs`` of the same run. Two paths are the same file when they
     resolve to the same path (any spelling, symbolic links in the file or in
     its directories, files that do not exist yet) or share an inode (hard
-    links). Called before any work, and again when writing."""
+    links). The directory must be writable: a file is created in it and
+    removed (whatever the permissions say, e.g. for root or on a read-only
+    mount). Called before any work, and again when writing."""
     path = os.fspath(path)
-    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
         raise MrcError("output directory does not exist", file=path)
     if os.path.isdir(path):
         raise MrcError("output is a directory", file=path)
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise MrcError("output exists and is not a regular file (a FIFO, socket or device)", file=path)
     for src in inputs:
         if src is not None and same_file(path, src):
             raise MrcError(f"output would overwrite an input file ({os.fspath(src)})", file=path)
     for other in outputs:
         if other is not None and same_file(path, other):
             raise MrcError(f"output would overwrite another output of the same run ({os.fspath(other)})", file=path)
+    try:
+        fd, probe = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".probe", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise MrcError(f"cannot write in the output directory: {exc.strerror or exc}", file=path) from None
 
 
 def check_outputs(outputs, inputs=()):
@@ -65,23 +98,47 @@ def atomic_path(path, inputs=()):
     Raises :class:`MrcError` when :func:`check_output` refuses ``path`` or the
     operating system refuses the write (permissions, full disk).
     """
-    path = os.fspath(path)
-    check_output(path, inputs)
-    tmp = None
+    with _atomic([path], inputs) as (tmp,):
+        yield tmp
+
+
+def write_files(blobs, inputs=()):
+    """Write several outputs all or none: ``blobs`` maps each path to its
+    bytes. Every file is written beside its target first; only when all are
+    written are they renamed into place, so a failed run leaves no output."""
+    paths = list(blobs)
+    with _atomic(paths, inputs) as tmps:
+        for tmp, path in zip(tmps, paths):
+            with open(tmp, "wb") as fh:
+                fh.write(blobs[path])
+
+
+@contextmanager
+def _atomic(paths, inputs):
+    paths = [os.fspath(p) for p in paths]
+    check_outputs(paths, inputs)
+    tmps, current = [], None
     try:
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                                   dir=os.path.dirname(os.path.abspath(path)))
-        os.close(fd)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        yield tmp
-        os.replace(tmp, path)
+        for path in paths:
+            current = path
+            fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                                       dir=os.path.dirname(os.path.abspath(path)))
+            os.close(fd)
+            tmps.append(tmp)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+        current = None
+        yield tmps
+        for tmp, path in zip(tmps, paths):
+            current = path
+            os.replace(tmp, path)
     except OSError as exc:
-        raise MrcError(f"cannot write: {exc.strerror or exc}", file=path) from None
+        raise MrcError(f"cannot write: {exc.strerror or exc}", file=current or paths[0]) from None
     finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 @contextmanager

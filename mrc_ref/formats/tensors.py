@@ -8,10 +8,10 @@ import struct
 import numpy as np
 
 from ..errors import MrcError, describe
-from .paths import atomic_path
+from .paths import atomic_path, check_input
 
 __all__ = ["SAFETENSORS_DTYPES", "WIDENED_DTYPES", "MAX_HEADER_BYTES", "bf16_to_float32", "read_safetensors",
-           "write_safetensors"]
+           "safetensors_bytes", "write_safetensors"]
 
 #: safetensors dtype -> little-endian NumPy dtype, read and written as is.
 SAFETENSORS_DTYPES = {
@@ -101,7 +101,7 @@ def read_safetensors(path):
         (exact, :func:`bf16_to_float32`).
     metadata : dict of str -> str
     """
-    path = os.fspath(path)
+    path = check_input(path)
     try:
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
@@ -150,13 +150,19 @@ def _sorted_metadata(blob):
     return struct.pack("<Q", len(text)) + text + blob[8 + hlen :]
 
 
-def write_safetensors(path, tensors, metadata=None, inputs=()):
-    """Write ``tensors`` (host arrays) with string ``metadata`` atomically."""
+def safetensors_bytes(tensors, metadata=None):
+    """The bytes of a safetensors file of ``tensors`` (host arrays) with
+    string ``metadata`` (keys sorted, so the same inputs give the same bytes)."""
     from safetensors.numpy import save
 
     tensors = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in tensors.items()}  # keeps 0-d
     meta = None if metadata is None else {str(k): str(v) for k, v in metadata.items()}
-    blob = _sorted_metadata(save(tensors, metadata=meta))
+    return _sorted_metadata(save(tensors, metadata=meta))
+
+
+def write_safetensors(path, tensors, metadata=None, inputs=()):
+    """Write ``tensors`` (host arrays) with string ``metadata`` atomically."""
+    blob = safetensors_bytes(tensors, metadata)
     with atomic_path(path, inputs) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(blob)

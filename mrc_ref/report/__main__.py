@@ -12,7 +12,7 @@ docs/report.md.
 
 import sys
 
-from .. import cli, example
+from .. import cli, example, pipeline
 from ..errors import MrcError
 from .orchestration import report_files
 from .grid import AT, PROG, REDUCTIONS
@@ -33,6 +33,8 @@ def build_parser():
     p.add_argument("--at", type=float, default=AT,
                    help="reduction of the allocation map, Fig. 3 and the certificates; added to the grid if "
                         "missing (default: %(default)s)")
+    p.add_argument("--layers", default=",".join(pipeline.DEFAULT_LAYERS),
+                   help="comma-separated glob patterns of the layers every run compresses (default: %(default)s)")
     p.add_argument("--block", type=int, default=0, help="block of Fig. 1 (default: %(default)s, the first)")
     p.add_argument("--images", dest="limit", type=cli.positive_int, metavar="N",
                    help="use the first N images (default: all)")
@@ -65,6 +67,7 @@ def main(argv=None):
             args.weights, args.acts, args.images, args.output, reductions=args.reductions, at=args.at,
             block=args.block, limit=args.limit, batch_size=args.batch_size, device=args.device,
             sensitivity=args.sensitivity, adam=not args.no_adam, blas_threads=args.blas_threads, quiet=args.quiet,
+            layers=tuple(p.strip() for p in args.layers.split(",") if p.strip()),
             command=" ".join([PROG, *(argv if argv is not None else sys.argv[1:])]))
         print(f"wrote {', '.join(written)} in {args.output}")
         print("timings:")

@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from .. import certificates as certs, formats, metrics, pipeline, quantize, stats, vit
+from .. import sensitivity as sens
 from ..backend import get_dtype, get_xp, to_host
 from ..compress import compress_files
 from ..errors import ConfigError, InfeasibleBudget, MrcError
@@ -50,7 +51,7 @@ def evaluation(weights, images, *, batch_size=64, limit=None, device="cpu", dtyp
         float64, ``labels`` (N,) or None, ``images`` N, ``device``,
         ``dtype``, ``metadata`` and ``tensors`` of the original model.
     """
-    tensors, metadata = formats.read_safetensors(weights)
+    tensors, metadata = formats.read_original(weights)
     try:
         size = model_input_size(tensors)
     except MrcError as err:
@@ -133,7 +134,7 @@ def measure(weights, acts, config, ev, workdir, *, stage1=None, sensitivity=None
                                       stage1=stage1)
     except InfeasibleBudget as err:
         return {"infeasible": err.message, "seconds": time.perf_counter() - start}, None
-    tensors, metadata = formats.read_safetensors(out)
+    tensors, metadata = formats.read_model(out)
     logits, _ = tensor_logits(tensors, metadata, ev["batches"](), device=ev["device"], dtype=ev["dtype"],
                                        source=out)
     layers = [{k: e[k] for k in ("name", "rank", "residual_rank", "params_after", "nmse_stage1", "nmse_stage3",
@@ -266,7 +267,7 @@ def proj_errors(original, models, metadata, ev, *, xp, dtype):
     return {label: (num[label] / den).tolist() for label in models}
 
 
-def layer_certificates(weights, acts, tensors, compressed, *, xp, dtype):
+def layer_certificates(weights, acts, tensors, compressed, *, xp, dtype, layers=pipeline.DEFAULT_LAYERS):
     """Per-layer Stage-1 certificates of a compressed model without residual
     (:func:`mrc_ref.certificates.certify_stage1` on the stored factors ``A, B``
     against the ``gram`` metric): achieved and optimal NMSE at the stored
@@ -274,7 +275,7 @@ def layer_certificates(weights, acts, tensors, compressed, *, xp, dtype):
     subspace. Dense layers are listed with rank None."""
     rows = []
     with formats.open_activations(acts) as f:
-        for name in pipeline.select_layers(tensors, pipeline.DEFAULT_LAYERS):
+        for name in pipeline.select_layers(tensors, layers):
             if name + ".lowrank_a" not in compressed:
                 rows.append({"name": name, "rank": None})
                 continue
@@ -304,7 +305,8 @@ def layer_type_points(tensors, leaf):
 
 
 def audit(weights, acts, images, *, reductions=REDUCTIONS, at=AT, block=0, limit=None, batch_size=64,
-          device="cpu", dtype="float64", sensitivity=None, adam=True, progress=None, timings=None):
+          device="cpu", dtype="float64", sensitivity=None, adam=True, progress=None, timings=None,
+          layers=pipeline.DEFAULT_LAYERS):
     """Every measurement of the report, as a JSON-ready dict (no file written
     but scratch files of ``compress`` in a temporary directory).
 
@@ -321,7 +323,7 @@ def audit(weights, acts, images, *, reductions=REDUCTIONS, at=AT, block=0, limit
         clock = now
 
     xp = get_xp(device)
-    common = {"device": device, "dtype": dtype}
+    common = {"device": device, "dtype": dtype, "layers": tuple(layers)}
     ev = evaluation(weights, images, batch_size=batch_size, limit=limit, device=device, dtype=dtype)
     if ev["labels"] is None:
         raise MrcError("the report needs labelled images (one sub-folder per class) to measure top-1", file=images)
@@ -336,7 +338,7 @@ def audit(weights, acts, images, *, reductions=REDUCTIONS, at=AT, block=0, limit
                          "batch_size": batch_size, "adam": adam},
             "original": {"top1": metrics.topk_accuracy(ev["reference"], ev["labels"])},
             "layer_shapes": {n: list(tensors[n + ".weight"].shape)
-                             for n in pipeline.select_layers(tensors, pipeline.DEFAULT_LAYERS)}}
+                             for n in pipeline.select_layers(tensors, layers)}}
     data["original"]["int8"] = int8_scores(tensors, ev["metadata"], ev["reference"], ev, source=weights)
     data["original"]["bytes"] = quantize.storage_bytes(tensors)
     lap("load, original model and its int8")
@@ -392,7 +394,8 @@ def audit(weights, acts, images, *, reductions=REDUCTIONS, at=AT, block=0, limit
     if kept:
         data["proj_error"] = proj_errors(tensors, kept, ev["metadata"], ev, xp=xp, dtype=dtype)
     lap("Fig. 3 (attn.proj error)")
-    data["certificates"] = (layer_certificates(weights, acts, tensors, kept["optimal"], xp=xp, dtype=dtype)
+    data["certificates"] = (layer_certificates(weights, acts, tensors, kept["optimal"], xp=xp, dtype=dtype,
+                                               layers=layers)
                             if "optimal" in kept else [])
     if sensitivity is not None:
         document = formats.read_sensitivity(sensitivity)
@@ -418,6 +421,7 @@ def _check_extra():
 
 def report_files(weights, acts, images, output, *, reductions=REDUCTIONS, at=AT, block=0, limit=None,
                  batch_size=64, device="cpu", sensitivity=None, adam=True, blas_threads=None, quiet=True,
+                 layers=pipeline.DEFAULT_LAYERS,
                  command=PROG):
     """Measure (:func:`audit`), draw, render and write the report into the
     folder ``output``; every input and option is checked before any work.
@@ -448,13 +452,22 @@ def report_files(weights, acts, images, output, *, reductions=REDUCTIONS, at=AT,
         if path is not None and not os.path.isfile(path):
             raise MrcError("input file does not exist", file=path)
     check_output_dir(output, inputs, images)
-    if sensitivity:
-        formats.read_sensitivity(sensitivity)  # a bad file is refused before any work
+    tensors, _ = formats.read_original(weights)  # a compressed model, or no layer to select: refused now
+    try:
+        names = pipeline.select_layers(tensors, tuple(layers))
+    except MrcError as err:
+        raise err.at(file=weights) from None
+    if sensitivity:  # a bad file, or one naming a layer the model lacks, is refused before any work
+        weights_of = {k: v["weight"] for k, v in formats.read_sensitivity(sensitivity)["layers"].items()}
+        try:
+            sens.layer_weights(names, weights_of, pipeline.select_layers(tensors, ("*",)))
+        except MrcError as err:
+            raise err.at(file=sensitivity) from None
     timings = {}
     limits = threadpool_limits(limits=blas_threads, user_api="blas") if blas_threads else contextlib.nullcontext()
     with limits:
         data = audit(weights, acts, images, reductions=reductions, at=at, block=block, limit=limit,
-                     batch_size=batch_size, device=device, sensitivity=sensitivity, adam=adam,
+                     batch_size=batch_size, device=device, sensitivity=sensitivity, adam=adam, layers=layers,
                      progress=lambda total: counter(total, "report", quiet, unit="run"), timings=timings)
     data["command"] = command
     start = time.perf_counter()

@@ -16,7 +16,7 @@ from ..verify import DEFAULT_ATOL, DEFAULT_RTOL, table, verify_files
 
 def build_parser():
     p = cli.parser("python -m mrc_ref.verify", __doc__)
-    p.add_argument("compressed", help="the compressed model (safetensors: mrc_ref, PEFT lora_A/lora_B, or dense)")
+    p.add_argument("compressed", help="the compressed model: safetensors (mrc_ref, int8 included; a PEFT lora_A/lora_B state dict; dense) or a PEFT save_pretrained directory")
     p.add_argument("weights", help="the original model (safetensors)")
     p.add_argument("acts", help="the original model's statistics (acts.h5, version 1)")
     budget = p.add_mutually_exclusive_group()
@@ -35,9 +35,9 @@ def build_parser():
     p.add_argument("--rank-rtol", type=float,
                    help="numerical rank of a dense layer: singular values above this times the largest "
                         "(default: max(m, n) times the machine epsilon of the stored dtype)")
-    p.add_argument("--lora-scaling", type=float, default=1.0,
-                   help="scaling s of a PEFT pair, W = s · lora_B lora_A (PEFT: lora_alpha / r) "
-                        "(default: %(default)g)")
+    p.add_argument("--lora-scaling", type=float,
+                   help="scaling s > 0 of the pairs of a bare PEFT state dict, W = s · lora_B lora_A (default: 1; "
+                        "a PEFT save_pretrained directory gives each pair's own, lora_alpha / r)")
     p.add_argument("--max-gap", type=float,
                    help="also fail when the allocation's relative gap to the exact optimum exceeds this")
     p.add_argument("--report", help="write the JSON report here")
