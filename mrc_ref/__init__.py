@@ -15,8 +15,9 @@ only the layers above it in this list.
    ``errors`` (user errors by type).
 2. Files and file-level drivers: ``formats`` (one reader and writer per file
    kind), ``images`` (image folders, the DeiT eval transform), ``compress``,
-   ``evaluate``, ``verify`` and ``report`` (what the commands do, as
-   functions), ``testing`` and ``cases`` (the golden-reference kit),
+   ``evaluate``, ``verify``, ``report`` and ``export`` (the ONNX export;
+   needs the onnx extra) (what the commands do, as functions), ``testing``
+   and ``cases`` (the golden-reference kit),
    ``example`` (the embedded model) and ``progress`` (progress bars).
 3. Command lines, ``python -m mrc_ref.compress`` and the others: each
    package's ``__main__``, sharing ``cli``.

@@ -76,6 +76,62 @@ def make_model(seed=0, *, depth=2, dim=64, num_heads=4, mlp_ratio=4, img_size=16
     return {k: np.asarray(v, dtype=dtype) for k, v in t.items()}
 
 
+def factored(tensors, *, reduction=0.6, residual_rank=8, layers=None):
+    """A compressed model at valid ranks without statistics: each selected
+    linear ``W = U S Vᵀ`` becomes ``A = U_r``, ``B = U_rᵀ W`` and ``P = U_q``,
+    ``Q = U_qᵀ W`` (the next ``q`` left singular vectors, so ``A B + P Q`` is
+    the rank-``r + q`` truncation of ``W``), with the ranks ``r`` of
+    :func:`mrc_ref.allocate.uniform` at the budget ``⌊(1 − reduction) P_total⌋``.
+
+    For shapes and speed, not accuracy (the plain SVD, not the activation-aware
+    one). ``layers`` defaults to the block linears; a layer the allocation
+    leaves dense keeps its weight.
+
+    Returns
+    -------
+    out : dict of str -> ndarray
+        The compressed tensors, factors in the weight's dtype.
+    ranks : dict of str -> int or None
+        ``r`` per selected layer (None: dense).
+    """
+    from mrc_ref import allocate, pipeline
+
+    names = list(layers) if layers is not None else pipeline.select_layers(tensors, pipeline.DEFAULT_LAYERS)
+    shapes = [tuple(tensors[f"{name}.weight"].shape) for name in names]
+    total = pipeline.count_params(tensors)
+    fixed = total - sum(m * n for m, n in shapes)
+    ranks = allocate.uniform(shapes, residual_rank, fixed, allocate.parameter_budget(total, reduction))
+    out = dict(tensors)
+    for name, rank in zip(names, ranks):
+        if rank is None:
+            continue
+        W = tensors[f"{name}.weight"]
+        U = _left_singular_vectors(W.astype(np.float64), rank + residual_rank)
+        B = U.T @ W.astype(np.float64)  # S_k V_kᵀ
+        del out[f"{name}.weight"]
+        out[f"{name}.lowrank_a"], out[f"{name}.lowrank_b"] = U[:, :rank], B[:rank]
+        if residual_rank:
+            q = slice(rank, rank + residual_rank)
+            out[f"{name}.residual_p"], out[f"{name}.residual_q"] = U[:, q], B[q]
+        for suffix in ("lowrank_a", "lowrank_b", "residual_p", "residual_q"):
+            if f"{name}.{suffix}" in out:
+                out[f"{name}.{suffix}"] = np.ascontiguousarray(out[f"{name}.{suffix}"], dtype=W.dtype)
+    return out, dict(zip(names, ranks))
+
+
+def _left_singular_vectors(W, k):
+    """The ``k`` leading left singular vectors of ``W`` (m, n), from the
+    eigenvectors of the smaller Gram matrix (one ``eigh`` of min(m, n)²: a
+    fraction of the cost of an SVD, and well conditioned for the leading
+    directions of a random matrix)."""
+    if W.shape[0] <= W.shape[1]:
+        _, U = np.linalg.eigh(W @ W.T)
+        return U[:, ::-1][:, :k]
+    evals, V = np.linalg.eigh(W.T @ W)
+    V, s = V[:, ::-1][:, :k], np.sqrt(np.maximum(evals[::-1][:k], np.finfo(np.float64).tiny))
+    return (W @ V) / s
+
+
 def make_tokens(n, rows, seed, *, dtype=np.float64):
     """Correlated token rows ``X`` (rows × n): Gaussian rows with covariance
     spectrum ``∝ exp(−i / (n/6))`` in a random basis, plus a mean offset."""
