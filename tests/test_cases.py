@@ -5,6 +5,7 @@ golden value fails here."""
 
 import copy
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 from mrc_ref import cases, compensate, testing
 from mrc_ref.cases import __main__ as cases_cli
 from mrc_ref.cases import compare, generate, reference
-from mrc_ref.errors import MrcError
+from mrc_ref.errors import MrcError, UnsupportedVersion
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IDS = cases.case_ids()
@@ -45,7 +46,7 @@ def test_manifests_state_versions_tags_and_a_reasoned_tolerance_per_quantity(loa
     seen = set()
     for case_id, case in loaded.items():
         m = case["manifest"]
-        assert m["schema_version"] == cases.SCHEMA_VERSION and m["id"] == case_id and m["version"] == "v1"
+        assert m["schema_version"] == 1 and m["id"] == case_id and m["version"] == "v1"
         assert {"numpy", "scipy", "mrc_ref"} <= set(m["generated_by"])
         assert m["difficulty"] in ("lower", "average", "higher") and m["description"]
         quantities = {q for q, *_ in compare.items(case["expected"])}
@@ -65,8 +66,8 @@ def test_the_cases_cover_what_the_tags_claim(loaded):
     assert np.all(dead["C"][:, [3, 17, 18, 39]] == 0) and np.all(dead["W"][:, [3, 17, 18, 39]] != 0)
     assert loaded["float32-stats"]["layers"]["layers.0"]["stats"]["gram"].dtype == np.float32
     tie = loaded["near-tie"]["layers"]["layers.0"]["expected"]
-    assert tie["stage1"]["6"]["relative_gap"] < 1e-10 and tie["stage1"]["6"]["product"] is None
-    assert tie["stage1"]["5"]["product"] is not None and tie["stage1"]["7"]["product"] is not None
+    assert tie["stage1"][6]["eigen_gap"] < 1e-10 and tie["stage1"][6]["product"] is None
+    assert tie["stage1"][5]["product"] is not None and tie["stage1"][7]["product"] is not None
     assert "residual_product" in tie["compressed"]["omitted"]
     vit = loaded["vit-example"]
     assert vit["tokens"].shape == (64, 17, 64) and vit["expected"]["logits"]["compressed"].shape == (64, 10)
@@ -114,6 +115,74 @@ def test_a_changed_file_is_refused(tmp_path):
     (copy / "notes.txt").write_text("x")
     with pytest.raises(MrcError, match="notes.txt: not a file of the case"):
         testing.load_case(str(copy))
+
+
+MANIFEST_CORRUPTIONS = {
+    "a list": lambda m: [m],
+    "a string": lambda m: "MANIFEST",
+    "null": lambda m: None,
+    "an entry without bytes": lambda m: {**m, "files": {**m["files"], "acts.h5": {"sha256": "0" * 64}}},
+    "an entry without sha256": lambda m: {**m, "files": {**m["files"], "acts.h5": {"bytes": 10}}},
+    "bytes as a string": lambda m: {**m, "files": {**m["files"], "acts.h5": {**m["files"]["acts.h5"], "bytes": "10"}}},
+    "bytes as a boolean": lambda m: {**m, "files": {**m["files"], "acts.h5": {**m["files"]["acts.h5"], "bytes": True}}},
+    "a non-hex sha256": lambda m: {**m, "files": {**m["files"], "acts.h5": {**m["files"]["acts.h5"], "sha256": "xyz"}}},
+    "an entry that is a list": lambda m: {**m, "files": {**m["files"], "acts.h5": [1, 2]}},
+    "files as a list": lambda m: {**m, "files": list(m["files"])},
+    "no files": lambda m: {k: v for k, v in m.items() if k != "files"},
+    "a file outside the case": lambda m: {**m, "files": {**m["files"], "../acts.h5": m["files"]["acts.h5"]}},
+    "an unknown schema": lambda m: {**m, "schema_version": 99},
+    "a schema as a string": lambda m: {**m, "schema_version": "1"},
+    "no id": lambda m: {k: v for k, v in m.items() if k != "id"},
+    "tags as a string": lambda m: {**m, "tags": "tiny"},
+    "a version that is not v<n>": lambda m: {**m, "version": "latest"},
+    "tolerances as a list": lambda m: {**m, "tolerances": []},
+    "a tolerance of unknown kind": lambda m: {**m, "tolerances": {**m["tolerances"], "spectrum": {"kind": "fuzzy",
+                                                                                                  "reason": "x"}}},
+    "a negative rtol": lambda m: {**m, "tolerances": {**m["tolerances"],
+                                                      "spectrum": {**m["tolerances"]["spectrum"], "rtol": -1}}},
+    "an rtol as a string": lambda m: {**m, "tolerances": {**m["tolerances"], "spectrum": {
+        **m["tolerances"]["spectrum"], "rtol": "1e-10"}}},
+    "a tolerance without reason": lambda m: {**m, "tolerances": {**m["tolerances"], "shape": {"kind": "exact"}}},
+}
+
+
+@pytest.mark.parametrize("corruption", list(MANIFEST_CORRUPTIONS))
+def test_a_malformed_manifest_is_an_error_naming_the_file(tmp_path, corruption):
+    """Issue 16, item 5: load_case on a manifest of the wrong structure
+    raises MrcError naming MANIFEST.json, never AttributeError or KeyError."""
+    case = tmp_path / "case"
+    shutil.copytree(cases.case_dir("tiny-1xn"), case)
+    manifest = json.loads((case / cases.MANIFEST).read_text(encoding="utf-8"))
+    (case / cases.MANIFEST).write_text(json.dumps(MANIFEST_CORRUPTIONS[corruption](manifest)), encoding="utf-8")
+    with pytest.raises(MrcError) as info:
+        testing.load_case(str(case))
+    message = str(info.value)
+    assert message.startswith(str(case / cases.MANIFEST) + ": ") and "\n" not in message, message
+    if corruption == "an unknown schema":
+        assert isinstance(info.value, UnsupportedVersion) and "schema_version 99" in message
+
+
+def test_a_manifest_that_is_not_json_is_an_error_naming_the_file(tmp_path):
+    case = tmp_path / "case"
+    shutil.copytree(cases.case_dir("tiny-1xn"), case)
+    (case / cases.MANIFEST).write_text("{not json", encoding="utf-8")
+    with pytest.raises(MrcError, match="MANIFEST.json: not a valid JSON file"):
+        testing.load_case(str(case))
+
+
+def test_probe_ranks_are_ints_in_python_and_strings_in_json(loaded):
+    """Issue 17, item 5: ``expected["stage1"][5]``; the JSON keeps strings;
+    a string key still finds the probe (code written for earlier releases)."""
+    for version in cases.versions():
+        case = testing.load_case("tiny-1xn", version)
+        probes = case["layers"]["layers.2"]["expected"]["stage1"]
+        assert list(probes) == [4, 5] and all(type(r) is int for r in probes)
+        assert probes[5] is probes["5"] and 5 in probes and "5" in probes and 6 not in probes
+        assert probes[5]["eigen_gap"] > 0  # schema 1's relative_gap, under the current name
+        with pytest.raises(KeyError):
+            probes[6]
+        with open(os.path.join(case["path"], "expected.json"), encoding="utf-8") as fh:
+            assert list(json.load(fh)["layers"]["layers.2"]["stage1"]) == ["4", "5"]
 
 
 def test_released_versions_are_immutable(tmp_path, capsys):

@@ -97,7 +97,8 @@ def assert_case_close(actual, expected, case, quantity, *, layer=None, where=Non
 
 
 def items(doc):
-    """Every expected value of a document, as ``(quantity, layer, where, path)``;
+    """Every expected value of a document (in the form of
+    :func:`mrc_ref.cases.normalize`), as ``(quantity, layer, where, path)``;
     ``path`` is the key path into ``doc``, ``quantity`` the key of its
     tolerance in the manifest. Omitted values are not listed."""
     for name, layer in doc["layers"].items():
@@ -107,7 +108,7 @@ def items(doc):
         yield "nmse_curve", name, None, base + ("nmse_curve",)
         for r, item in layer["stage1"].items():
             yield "stage1_nmse", name, f"rank {r}", base + ("stage1", r, "nmse")
-            yield "stage1_gap", name, f"rank {r}", base + ("stage1", r, "relative_gap")
+            yield "stage1_gap", name, f"rank {r}", base + ("stage1", r, "eigen_gap")
             if item.get("product") is not None:
                 yield "stage1_product", name, f"rank {r}", base + ("stage1", r, "product")
         comp = layer["compressed"]

@@ -25,7 +25,7 @@ import scipy
 from .. import __version__, allocate, formats, pipeline, svd
 from ..errors import MrcError
 from ..example import EXAMPLE_DIR
-from . import CASE_FILES, MANIFEST, ROOT, SCHEMA_VERSION, read_inputs, resolve, sha256
+from . import CASE_FILES, MANIFEST, ROOT, SCHEMA_VERSION, normalize, read_inputs, resolve, sha256
 from .compare import compare, items
 from .reference import GAP_MIN, expected_values
 
@@ -301,7 +301,7 @@ def check_inputs(spec, case, doc, arrays, tensors, metadata, raw, tokens, config
     other, other_arrays = expected_values(tensors, metadata, jittered, config, probes=spec["probes"], tokens=tokens)
     tight = dict(case, tolerances={k: dict(v, rtol=v.get("rtol", 0) / 10, atol=v.get("atol", 0) / 10)
                                    for k, v in case["tolerances"].items()})
-    failures = compare(resolve(other, other_arrays), resolve(doc, arrays), tight)
+    failures = compare(normalize(resolve(other, other_arrays)), normalize(resolve(doc, arrays)), tight)
     if failures:
         raise MrcError(f"case {spec['id']}: expected values not robust to a relative {INPUT_JITTER:g} perturbation "
                        f"of the Grams: {failures[0]} (and {len(failures) - 1} more)")
@@ -333,7 +333,7 @@ def write_case(spec, directory):
         W = np.asarray(tensors[name + ".weight"], dtype=np.float64)
         layers[name] = {"C": np.asarray(st["gram"], dtype=np.float64), "W": W}
     case = {"id": spec["id"], "version": VERSION, "tolerances": spec["tolerances"], "layers": layers}
-    missing = {quantity for quantity, *_ in items(doc)} - set(spec["tolerances"])
+    missing = {quantity for quantity, *_ in items(normalize(doc))} - set(spec["tolerances"])
     if missing:
         raise MrcError(f"case {spec['id']}: no tolerance for {', '.join(sorted(missing))}")
     check_allocation(spec, doc)
