@@ -19,7 +19,7 @@ from .compensate import DEFAULT_DAMP
 
 __all__ = ["EXCESS_FLOOR", "as_host", "output_spectrum", "nmse_tail", "optimal_nmse_curve", "eigen_gap", "excess",
            "metric_norm_sq", "certify_stage1", "certify_residual",
-           "matrix", "factor_pair", "failure", "g8"]
+           "matrix", "factor_pair", "case_name", "failure", "g8"]
 
 #: Below this an NMSE or loss is round-off of an exact reconstruction: an
 #: excess ratio with an optimum under it is reported as 1 (achieved also under
@@ -59,11 +59,24 @@ def factor_pair(A, B, what="A B"):
     return A, B
 
 
-def failure(layer, quantity, observed, allowed, tolerance, note=""):
-    """The :class:`AssertionError` of a failed comparison, one line:
-    ``layer <layer>: <quantity>: observed <o>, allowed <a> (<tolerance>)<note>``."""
-    where = f"layer {layer}: " if layer is not None else ""
-    return AssertionError(f"{where}{quantity}: observed {observed}, allowed {allowed} ({tolerance}){note}")
+def case_name(case):
+    """``"v2/near-tie"`` for a loaded case (a dict with ``version`` and
+    ``id``), the string itself for a string; ``None`` stays ``None``."""
+    if isinstance(case, dict):
+        return f"{case.get('version', '?')}/{case.get('id', '?')}"
+    return None if case is None else str(case)
+
+
+def failure(layer, quantity, observed, allowed, tolerance, note="", *, case=None, rank=None):
+    """The :class:`AssertionError` of a failed comparison, in two lines::
+
+        [case <version/id>: ][layer <layer>: ][rank <r>: ]<quantity>: observed <o>, allowed <a>
+          (<tolerance>)<note>
+
+    the first saying where and what, the second how it was judged."""
+    where = "".join(f"{label} {value}: " for label, value in
+                    (("case", case_name(case)), ("layer", layer), ("rank", rank)) if value is not None)
+    return AssertionError(f"{where}{quantity}: observed {observed}, allowed {allowed}\n  ({tolerance}){note}")
 
 
 def g8(x):

@@ -64,29 +64,68 @@ PRODUCT_RTOL = 1e-7
 RESIDUAL_RTOL, RESIDUAL_ATOL = 1e-6, 1e-10
 
 # ----------------------------------------------------------------- Stage 1
-def assert_stage1_optimal(W, C, A, B, rtol=STAGE1_RTOL, atol=STAGE1_ATOL, *, layer=None):
-    """Assert that ``A B`` attains the Stage-1 optimum at its rank ``r``:
+def _dims(a):
+    return "×".join(map(str, a.shape)) if a.ndim else "a scalar"
+
+
+def _checked_factors(A, B, m, n, rank, *, layer, case):
+    """``A (m, r)`` and ``B (r, n)`` as host float64 arrays, after asserting
+    their shapes (``r = rank`` when given): a pair of the wrong shape is what
+    an implementation returned, so it fails as an assertion, not as an error."""
+    A, B = as_host(A), as_host(B)
+    ok = (A.ndim == 2 and B.ndim == 2 and A.shape[0] == m and B.shape[1] == n and A.shape[1] == B.shape[0]
+          and (rank is None or A.shape[1] == rank))
+    if not ok:
+        r = "r" if rank is None else rank
+        raise failure(layer, "factor shapes", f"A {_dims(A)}, B {_dims(B)}", f"A {m}×{r}, B {r}×{n}",
+                      f"exact: A is m × rank, B is rank × n, for W {m}×{n}", case=case, rank=rank)
+    return A, B
+
+
+def assert_stage1_optimal(W, C, A, B, rtol=STAGE1_RTOL, atol=STAGE1_ATOL, *, rank=None, layer=None, case=None):
+    """Assert that ``A B`` attains the Stage-1 optimum at rank ``r``:
 
         NMSE(A B) ≤ NMSE_opt(r) · (1 + rtol) + atol
 
-    (:func:`certify_stage1`). Robust to ties in the spectrum: any rank-``r``
-    optimum passes, whichever of the tied directions it keeps.
+    (:func:`certify_stage1`). With ``rank=``, ``A`` must be ``m × rank`` and
+    ``B`` ``rank × n``, so that an implementation that returns another rank
+    than it was asked for (optimal at that other rank) fails; without it, the
+    rank is ``A``'s. Robust to ties in the spectrum: any rank-``r`` optimum
+    passes, whichever of the tied directions it keeps.
+
+    Parameters
+    ----------
+    W : array (m, n)
+    C : array (n, n)
+    A : array (m, r), B : array (r, n)
+        The factors under test (any array :func:`as_host` takes).
+    rtol, atol : float
+        Allowed excess over the optimum (:data:`STAGE1_RTOL`,
+        :data:`STAGE1_ATOL`; :data:`FLOAT32` for float32 implementations).
+    rank : int, optional
+        The rank the factors were asked for.
+    layer : str, optional
+    case : dict or str, optional
+        A loaded case (or its name), named in the message.
 
     Raises
     ------
     AssertionError
-        Naming the layer, the rank, the observed and allowed NMSE, the
-        tolerance and the excess ratio.
+        In two lines: the case, layer and rank, the observed and allowed NMSE
+        (or factor shapes), the tolerance and the excess ratio.
     """
+    W, C = matrix(W, "W"), matrix(C, "C")
+    A, B = _checked_factors(A, B, *W.shape, rank, layer=layer, case=case)
     cert = certify_stage1(W, C, A, B)
     allowed = cert["nmse_optimal"] * (1 + rtol) + atol
     if not cert["nmse"] <= allowed:
-        raise failure(layer, f"Stage-1 NMSE at rank {cert['rank']}", g8(cert["nmse"]), f"≤ {g8(allowed)}",
-                    f"optimum {g8(cert['nmse_optimal'])} · (1 + rtol) + atol; rtol={rtol:g}, atol={atol:g}",
-                    f"; excess ratio {g8(cert['excess'])}")
+        raise failure(layer, "Stage-1 NMSE", g8(cert["nmse"]), f"≤ {g8(allowed)}",
+                      f"optimum {g8(cert['nmse_optimal'])} · (1 + rtol) + atol; rtol={rtol:g}, atol={atol:g}",
+                      f"; excess ratio {g8(cert['excess'])}", case=case, rank=cert["rank"])
 
 
-def assert_factorization_close(A, B, A_ref, B_ref, gram=None, rtol=PRODUCT_RTOL, atol=0.0, *, layer=None):
+def assert_factorization_close(A, B, A_ref, B_ref, gram=None, rtol=PRODUCT_RTOL, atol=0.0, *, layer=None,
+                               case=None):
     """Assert that the products ``A B`` and ``A_ref B_ref`` agree:
 
         ‖A B − A_ref B_ref‖ ≤ atol + rtol · ‖A_ref B_ref‖,
@@ -95,39 +134,44 @@ def assert_factorization_close(A, B, A_ref, B_ref, gram=None, rtol=PRODUCT_RTOL,
     outputs, ``‖D‖_C = tr(D C Dᵀ)^{1/2}``. Under ``C`` two products that
     differ only on the null space of ``C`` (dead input channels, fewer tokens
     than features), which give the same outputs on the data, are equal; use
-    it whenever ``C`` may be singular. The ranks (inner dimensions) must be
-    equal. The factors themselves are never compared.
+    it whenever ``C`` may be singular. The factors must have the reference's
+    shapes (the same rank); the factors themselves are never compared.
 
     Parameters
     ----------
     A : array (m, r), B : array (r, n)
+        The factors under test.
     A_ref : array (m, r), B_ref : array (r, n)
     gram : array (n, n), optional
     rtol, atol : float
     layer : str, optional
+    case : dict or str, optional
         Named in the message.
+
+    Raises
+    ------
+    AssertionError
+        In two lines: the case, layer and rank, the observed and allowed
+        error (or factor shapes), the tolerance.
     """
-    A, B = factor_pair(A, B)
     A_ref, B_ref = factor_pair(A_ref, B_ref, "reference")
     C = None if gram is None else matrix(gram, "gram")
-    shape, ref_shape = (A.shape[0], B.shape[1]), (A_ref.shape[0], B_ref.shape[1])
-    if shape != ref_shape:
-        raise failure(layer, "product shape", shape, ref_shape, "exact")
-    if A.shape[1] != A_ref.shape[1]:
-        raise failure(layer, "rank", A.shape[1], A_ref.shape[1], "exact")
+    rank = A_ref.shape[1]
+    A, B = _checked_factors(A, B, A_ref.shape[0], B_ref.shape[1], rank, layer=layer, case=case)
     ref = A_ref @ B_ref
     err = metric_norm_sq(A @ B - ref, C) ** 0.5
-    size = max(metric_norm_sq(ref, C), 0.0) ** 0.5
+    size = metric_norm_sq(ref, C) ** 0.5
     allowed = atol + rtol * size
     if not err <= allowed:
         metric = "Frobenius" if C is None else "in the metric C"
         note = ""
-        if A.shape[1] and np.linalg.matrix_rank(A) and np.linalg.matrix_rank(A_ref):
+        if rank and np.linalg.matrix_rank(A) and np.linalg.matrix_rank(A_ref):
             angle = np.max(scipy.linalg.subspace_angles(scipy.linalg.orth(A), scipy.linalg.orth(A_ref)))
             note = f"; largest principal angle between the column spaces {angle:.3g} rad"
         relative = err / size if size else float("inf")
         raise failure(layer, f"product A B ({metric})", f"‖error‖ {g8(err)} (relative {g8(relative)})",
-                    f"≤ {g8(allowed)}", f"atol + rtol · ‖reference‖; rtol={rtol:g}, atol={atol:g}", note)
+                      f"≤ {g8(allowed)}", f"atol + rtol · ‖reference‖; rtol={rtol:g}, atol={atol:g}", note,
+                      case=case, rank=rank)
 
 
 # ----------------------------------------------------------------- Stage 2
