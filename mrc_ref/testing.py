@@ -42,7 +42,7 @@ import scipy.linalg
 from . import allocate, cases
 from .cases.compare import assert_case_close
 from .certificates import (EXCESS_FLOOR, as_host, certify_residual, certify_stage1, eigen_gap,
-                           factor_pair, failure, g8, matrix, metric_norm_sq, nmse_tail, optimal_nmse_curve,
+                           factor_pair, failure, g8, matrix, metric_root, nmse_tail, optimal_nmse_curve,
                            output_spectrum)
 from .compensate import DEFAULT_DAMP
 
@@ -131,10 +131,11 @@ def assert_factorization_close(A, B, A_ref, B_ref, gram=None, rtol=PRODUCT_RTOL,
         ‖A B − A_ref B_ref‖ ≤ atol + rtol · ‖A_ref B_ref‖,
 
     in the Frobenius norm, or with ``gram=C`` in the metric of the layer's
-    outputs, ``‖D‖_C = tr(D C Dᵀ)^{1/2}``. Under ``C`` two products that
-    differ only on the null space of ``C`` (dead input channels, fewer tokens
-    than features), which give the same outputs on the data, are equal; use
-    it whenever ``C`` may be singular. The factors must have the reference's
+    outputs, ``‖D‖_C = tr(D C Dᵀ)^{1/2}`` (computed as ``‖D S‖_F`` on the
+    numerical range of ``C``, :func:`metric_root`). Under ``C`` two products
+    that differ only on the null space of ``C`` (dead input channels, fewer
+    tokens than features), which give the same outputs on the data, are
+    equal; use it whenever ``C`` may be singular. The factors must have the reference's
     shapes (the same rank); the factors themselves are never compared.
 
     Parameters
@@ -159,8 +160,9 @@ def assert_factorization_close(A, B, A_ref, B_ref, gram=None, rtol=PRODUCT_RTOL,
     rank = A_ref.shape[1]
     A, B = _checked_factors(A, B, A_ref.shape[0], B_ref.shape[1], rank, layer=layer, case=case)
     ref = A_ref @ B_ref
-    err = metric_norm_sq(A @ B - ref, C) ** 0.5
-    size = metric_norm_sq(ref, C) ** 0.5
+    S = None if C is None else metric_root(C)  # ‖D‖_C = ‖D S‖_F, on the numerical range of C
+    err = float(np.linalg.norm(A @ B - ref if S is None else (A @ B - ref) @ S))
+    size = float(np.linalg.norm(ref if S is None else ref @ S))
     allowed = atol + rtol * size
     if not err <= allowed:
         metric = "Frobenius" if C is None else "in the metric C"

@@ -15,6 +15,7 @@ import scipy.linalg
 import scipy.optimize
 
 from mrc_ref import compensate, svd, testing
+from mrc_ref.certificates import metric_root
 from mrc_ref.errors import MrcError
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "testing.md")
@@ -213,6 +214,28 @@ def test_products_that_differ_on_the_null_space_of_c_are_equal_under_c():
         testing.assert_factorization_close(A, B2, A, B)
     with pytest.raises(AssertionError, match="rank 3: factor shapes: observed A 6×2, B 2×8, allowed A 6×3, B 3×8"):
         testing.assert_factorization_close(A[:, :2], B[:2], A, B, gram=C)
+
+
+def test_the_metric_of_c_is_measured_on_its_numerical_range():
+    """‖D‖_C of a D that lives on the null space of a singular C (fewer rows
+    than features) is 0 to round-off, and the norm of a D on the range is
+    tr(D C Dᵀ)^½ to round-off; the direct trace formula puts √(n ε λ_max)
+    noise on the first (the comparisons under C used it)."""
+    rng = np.random.default_rng(12)
+    X = rng.standard_normal((6, 20)) * 10.0
+    C = X.T @ X  # rank 6
+    S = metric_root(C)
+    assert S.shape == (20, 6)
+    null = scipy.linalg.null_space(X)  # 20 × 14
+    D0 = rng.standard_normal((5, 14)) @ null.T * 100.0
+    scale = np.linalg.norm(D0) * np.sqrt(np.linalg.norm(C, 2))  # ~5e4
+    assert np.linalg.norm(D0 @ S) < 1e-14 * scale  # ~1e-11
+    assert np.sqrt(abs(float(np.sum((D0 @ C) * D0)))) > 1e-10 * scale  # the direct formula: ~5e-5, √ε
+    D1 = rng.standard_normal((5, 20))
+    assert np.linalg.norm(D1 @ S) ** 2 == pytest.approx(np.sum((D1 @ C) * D1), rel=1e-12)
+    A, B = rng.standard_normal((5, 2)), rng.standard_normal((2, 20))
+    testing.assert_factorization_close(A, B + rng.standard_normal((2, 5)) @ null[:, :5].T * 1e3, A, B, gram=C,
+                                       rtol=1e-12)
 
 
 # ----------------------------------------------------------------- Stage 2

@@ -3,7 +3,7 @@ tolerance the case states for each quantity (docs/testing.md, "Tolerances")."""
 
 import numpy as np
 
-from ..certificates import as_host, factor_pair, failure, g8, metric_norm_sq
+from ..certificates import as_host, factor_pair, failure, g8, metric_root
 
 __all__ = ["assert_case_close", "items", "lookup", "compare"]
 
@@ -48,8 +48,9 @@ def _close(kind, actual, expected, tol, C):
             dims = [("×".join(map(str, a.shape)) or "a scalar") for a in (left, right)]
             return False, f"factors {dims[0]} and {dims[1]}", f"a product of shape {shape[0]}×{shape[1]}"
         ref = ref_left @ ref_right
-        err = metric_norm_sq(left @ right - ref, C) ** 0.5
-        allowed = atol + rtol * metric_norm_sq(ref, C) ** 0.5
+        S = None if C is None else metric_root(C)  # ‖D‖_C = ‖D S‖_F, on the numerical range of C
+        err = float(np.linalg.norm(left @ right - ref if S is None else (left @ right - ref) @ S))
+        allowed = atol + rtol * float(np.linalg.norm(ref if S is None else ref @ S))
         return err <= allowed, f"‖error‖ {g8(err)}", f"≤ {g8(allowed)}"
     raise ValueError(f"unknown tolerance kind {kind!r}")
 
