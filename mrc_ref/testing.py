@@ -22,12 +22,15 @@ of the whitened regression residual (:func:`certify_residual`). Only the exact
 Stage-2 optimum is mrc_ref's own dynamic programme
 (:func:`mrc_ref.allocate.optimal`), itself tested against brute force.
 
-**Messages.** Each ``assert_*`` raises :class:`AssertionError` with a one-line
-message naming the layer (when given), the quantity, the observed value, the
-allowed value and the tolerance, e.g.::
+**Messages.** Each ``assert_*`` raises :class:`AssertionError` with a
+two-line message: the case, layer and rank (when known), the quantity, the
+observed and the allowed value; then the tolerance, e.g.::
 
-    layer layers.2: Stage-1 NMSE at rank 4: observed 0.33745984, allowed ≤ 0.081788698
-    (optimum 0.081788616 · (1 + rtol) + atol; rtol=1e-06, atol=1e-10); excess ratio 4.1260001
+    case v2/tiny-1xn: layer layers.2: rank 4: Stage-1 NMSE: observed 0.33745984, allowed ≤ 0.081788698
+      (optimum 0.081788616 · (1 + rtol) + atol; rtol=1e-06, atol=1e-10); excess ratio 4.1260001
+
+Factors of the wrong shape fail the same way (they are what an
+implementation returned), never with a ``ValueError``.
 
 Reference cases: :func:`iter_cases` and :func:`load_case` (the files are
 described in docs/testing.md), and :func:`assert_case_close` to compare a
@@ -350,9 +353,9 @@ def load_case(case_id, version=None):
     Parameters
     ----------
     case_id : str
-        ``"near-tie"``, ``"v1/near-tie"``, or the path of a case directory.
+        ``"near-tie"``, ``"v2/near-tie"``, or the path of a case directory.
     version : str or int, optional
-        Default: the version in ``case_id``, else the latest.
+        Default: the version in ``case_id``, else the latest (v2).
 
     Returns
     -------
@@ -362,7 +365,9 @@ def load_case(case_id, version=None):
         ``kind``, ``rtol``, ``atol``, ``metric``, ``reason``), ``config``
         (the options, as ``pipeline.Config`` fields), ``expected`` (the
         expected values; products as ``(left, right)`` factor pairs whose
-        product is the expected matrix), ``tensors`` and ``metadata`` (the
+        product is the expected matrix; each layer's Stage-1 probes keyed by
+        ``int`` rank, ``expected["layers"][name]["stage1"][5]``, with
+        ``nmse``, ``eigen_gap``, ``product``), ``tensors`` and ``metadata`` (the
         weights as stored), ``layers`` (per selected layer: ``W`` and ``C``
         in float64, ``shape``, ``stats`` as stored, ``expected``), ``budget``,
         ``fixed``, ``residual_rank``, ``damp``, ``tokens`` (proxy tokens or
@@ -371,8 +376,10 @@ def load_case(case_id, version=None):
     Raises
     ------
     MrcError
-        Unknown id, or a file that is missing or whose SHA-256 differs from
-        the manifest.
+        Unknown id; a manifest that is not a case manifest of a schema this
+        release reads (a field missing or of the wrong type); a file that is
+        missing or whose SHA-256 differs from the manifest. The message names
+        the file.
     """
     return cases.read_case(cases.case_dir(case_id, version))
 

@@ -85,6 +85,8 @@ def test_the_cases_cover_what_the_tags_claim(loaded):
     assert "residual_product" in tie["compressed"]["omitted"]
     vit = loaded["vit-example"]
     assert vit["tokens"].shape == (64, 17, 64) and vit["expected"]["logits"]["compressed"].shape == (64, 10)
+    for case in (c for k, c in loaded.items() if isinstance(k, tuple) and "rank-deficient-c" in c["tags"]):
+        assert any(np.linalg.matrix_rank(lay["C"]) < lay["shape"][1] for lay in case["layers"].values()), case["id"]
     qkv = vit["layers"]["blocks.0.attn.qkv"]  # LayerNorm of tokens spanned by 16 grey levels + 17 positions
     assert qkv["stats"]["gram"].dtype == np.float64 and np.linalg.matrix_rank(qkv["C"]) == 34
     assert qkv["stats"]["rows"] == 300 * 17
