@@ -5,6 +5,7 @@ golden value fails here."""
 
 import copy
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -17,10 +18,14 @@ import pytest
 from mrc_ref import cases, compensate, testing
 from mrc_ref.cases import __main__ as cases_cli
 from mrc_ref.cases import compare, generate, reference
-from mrc_ref.errors import MrcError
+from mrc_ref.errors import MrcError, UnsupportedVersion
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VERSIONS = cases.versions()
+LATEST = VERSIONS[-1]
 IDS = cases.case_ids()
+#: Every shipped case of every version, as (version, id).
+ALL = [(version, case_id) for version in VERSIONS for case_id in cases.case_ids(version)]
 #: The situations the kit promises (docs/testing.md): one case at least carries each tag.
 REQUIRED_TAGS = {"well-conditioned", "rank-deficient-c", "dead-input-channels", "near-tie", "float32-stats",
                  "tall", "wide", "tiny", "vit", "end-to-end"}
@@ -28,24 +33,34 @@ REQUIRED_TAGS = {"well-conditioned", "rank-deficient-c", "dead-input-channels", 
 
 @pytest.fixture(scope="module")
 def loaded():
-    return {case_id: testing.load_case(case_id) for case_id in IDS}
+    """Every case of every version, keyed by (version, id); the latest also by id."""
+    everything = {(version, case_id): testing.load_case(case_id, version) for version, case_id in ALL}
+    everything.update({case_id: everything[LATEST, case_id] for case_id in IDS})
+    return everything
 
 
-def test_every_case_matches_its_manifest():
-    for case_id in IDS:
-        directory = cases.case_dir(case_id)
-        assert cases.check_files(directory) == [], case_id
-        manifest = cases.read_manifest(directory)
-        for name in cases.CASE_FILES:  # an independent hash of the bytes
-            with open(os.path.join(directory, name), "rb") as fh:
-                assert hashlib.sha256(fh.read()).hexdigest() == manifest["files"][name]["sha256"], (case_id, name)
+def test_versions_v1_and_v2_are_shipped_and_the_latest_is_the_default():
+    assert VERSIONS[:2] == ["v1", "v2"] and cases.resolve_version() == LATEST
+    assert [(c["version"], c["id"]) for c in testing.iter_cases(tags="tiny")] == [(LATEST, "tiny-1xn")]
+    assert set(cases.case_ids("v1")) == set(cases.case_ids("v2"))
+
+
+@pytest.mark.parametrize("version,case_id", ALL)
+def test_every_case_matches_its_manifest(version, case_id):
+    directory = cases.case_dir(case_id, version)
+    assert cases.check_files(directory) == [], case_id
+    manifest = cases.read_manifest(directory)
+    for name in cases.CASE_FILES:  # an independent hash of the bytes
+        with open(os.path.join(directory, name), "rb") as fh:
+            assert hashlib.sha256(fh.read()).hexdigest() == manifest["files"][name]["sha256"], (case_id, name)
 
 
 def test_manifests_state_versions_tags_and_a_reasoned_tolerance_per_quantity(loaded):
     seen = set()
-    for case_id, case in loaded.items():
+    for (version, case_id), case in ((k, v) for k, v in loaded.items() if isinstance(k, tuple)):
         m = case["manifest"]
-        assert m["schema_version"] == cases.SCHEMA_VERSION and m["id"] == case_id and m["version"] == "v1"
+        assert m["schema_version"] == (1 if version == "v1" else cases.SCHEMA_VERSION)
+        assert m["id"] == case_id and m["version"] == version
         assert {"numpy", "scipy", "mrc_ref"} <= set(m["generated_by"])
         assert m["difficulty"] in ("lower", "average", "higher") and m["description"]
         quantities = {q for q, *_ in compare.items(case["expected"])}
@@ -65,22 +80,52 @@ def test_the_cases_cover_what_the_tags_claim(loaded):
     assert np.all(dead["C"][:, [3, 17, 18, 39]] == 0) and np.all(dead["W"][:, [3, 17, 18, 39]] != 0)
     assert loaded["float32-stats"]["layers"]["layers.0"]["stats"]["gram"].dtype == np.float32
     tie = loaded["near-tie"]["layers"]["layers.0"]["expected"]
-    assert tie["stage1"]["6"]["relative_gap"] < 1e-10 and tie["stage1"]["6"]["product"] is None
-    assert tie["stage1"]["5"]["product"] is not None and tie["stage1"]["7"]["product"] is not None
+    assert tie["stage1"][6]["eigen_gap"] < 1e-10 and tie["stage1"][6]["product"] is None
+    assert tie["stage1"][5]["product"] is not None and tie["stage1"][7]["product"] is not None
     assert "residual_product" in tie["compressed"]["omitted"]
     vit = loaded["vit-example"]
     assert vit["tokens"].shape == (64, 17, 64) and vit["expected"]["logits"]["compressed"].shape == (64, 10)
+    for case in (c for k, c in loaded.items() if isinstance(k, tuple) and "rank-deficient-c" in c["tags"]):
+        assert any(np.linalg.matrix_rank(lay["C"]) < lay["shape"][1] for lay in case["layers"].values()), case["id"]
+    qkv = vit["layers"]["blocks.0.attn.qkv"]  # LayerNorm of tokens spanned by 16 grey levels + 17 positions
+    assert qkv["stats"]["gram"].dtype == np.float64 and np.linalg.matrix_rank(qkv["C"]) == 34
+    assert qkv["stats"]["rows"] == 300 * 17
 
 
-def test_total_size_is_about_five_megabytes():
-    total = sum(os.path.getsize(os.path.join(cases.case_dir(c), f)) for c in IDS
-                for f in os.listdir(cases.case_dir(c)))
+@pytest.mark.parametrize("version", VERSIONS)
+def test_total_size_is_about_five_megabytes(version):
+    total = sum(cases.case_bytes(cases.case_dir(c, version)) for c in cases.case_ids(version))
     assert 2e6 < total < 6e6
 
 
-@pytest.mark.parametrize("case_id", IDS)
-def test_current_code_reproduces_every_expected_value(case_id, loaded):
-    assert reference.reproduce(loaded[case_id]) == []
+@pytest.mark.parametrize("version,case_id", ALL)
+def test_current_code_reproduces_every_expected_value(version, case_id, loaded):
+    assert reference.reproduce(loaded[version, case_id]) == []
+
+
+def gram_problem(C):
+    """None when a stored Gram is exactly symmetric and positive
+    semi-definite to float64 round-off (λ_min ≥ −n ε λ_max), else why not."""
+    C = np.asarray(C, dtype=np.float64)
+    if not np.array_equal(C, C.T):
+        return "not exactly symmetric"
+    lam = np.linalg.eigvalsh(C)
+    floor = -C.shape[0] * np.finfo(np.float64).eps * lam[-1]
+    return None if lam[0] >= floor else f"indefinite: λ_min {lam[0]:.3g}, λ_max {lam[-1]:.3g}"
+
+
+def test_every_stored_gram_is_symmetric_positive_semi_definite(loaded):
+    """Issue 17, item 2: v2 stores every Gram exactly symmetric and PSD to
+    round-off; v1's erratum is the one of vit-example's blocks.0.attn.qkv
+    (float32 rounding of a rank-34 Gram: λ_min −5.7e-4 for λ_max 9.2e4)."""
+    bad = {(version, case_id, name): gram_problem(layer["stats"]["gram"])
+           for (version, case_id) in ALL for name, layer in loaded[version, case_id]["layers"].items()}
+    bad = {k: v for k, v in bad.items() if v}
+    assert list(bad) == [("v1", "vit-example", "blocks.0.attn.qkv")], bad
+    assert "λ_min -0.000574" in bad["v1", "vit-example", "blocks.0.attn.qkv"]
+    with pytest.raises(MrcError, match="layer blocks.0.attn.qkv: the stored Gram is indefinite"):
+        generate.check_grams("vit-example", {name: layer["stats"]
+                                             for name, layer in loaded["v1", "vit-example"]["layers"].items()})
 
 
 def test_a_change_of_the_math_fails_the_reproduction(loaded, monkeypatch):
@@ -116,26 +161,111 @@ def test_a_changed_file_is_refused(tmp_path):
         testing.load_case(str(copy))
 
 
+MANIFEST_CORRUPTIONS = {
+    "a list": lambda m: [m],
+    "a string": lambda m: "MANIFEST",
+    "null": lambda m: None,
+    "an entry without bytes": lambda m: {**m, "files": {**m["files"], "acts.h5": {"sha256": "0" * 64}}},
+    "an entry without sha256": lambda m: {**m, "files": {**m["files"], "acts.h5": {"bytes": 10}}},
+    "bytes as a string": lambda m: {**m, "files": {**m["files"], "acts.h5": {**m["files"]["acts.h5"], "bytes": "10"}}},
+    "bytes as a boolean": lambda m: {**m, "files": {**m["files"], "acts.h5": {**m["files"]["acts.h5"], "bytes": True}}},
+    "a non-hex sha256": lambda m: {**m, "files": {**m["files"], "acts.h5": {**m["files"]["acts.h5"], "sha256": "xyz"}}},
+    "an entry that is a list": lambda m: {**m, "files": {**m["files"], "acts.h5": [1, 2]}},
+    "files as a list": lambda m: {**m, "files": list(m["files"])},
+    "no files": lambda m: {k: v for k, v in m.items() if k != "files"},
+    "a file outside the case": lambda m: {**m, "files": {**m["files"], "../acts.h5": m["files"]["acts.h5"]}},
+    "an unknown schema": lambda m: {**m, "schema_version": 99},
+    "a schema as a string": lambda m: {**m, "schema_version": "1"},
+    "no id": lambda m: {k: v for k, v in m.items() if k != "id"},
+    "tags as a string": lambda m: {**m, "tags": "tiny"},
+    "a version that is not v<n>": lambda m: {**m, "version": "latest"},
+    "tolerances as a list": lambda m: {**m, "tolerances": []},
+    "a tolerance of unknown kind": lambda m: {**m, "tolerances": {**m["tolerances"], "spectrum": {"kind": "fuzzy",
+                                                                                                  "reason": "x"}}},
+    "a negative rtol": lambda m: {**m, "tolerances": {**m["tolerances"],
+                                                      "spectrum": {**m["tolerances"]["spectrum"], "rtol": -1}}},
+    "an rtol as a string": lambda m: {**m, "tolerances": {**m["tolerances"], "spectrum": {
+        **m["tolerances"]["spectrum"], "rtol": "1e-10"}}},
+    "a tolerance without reason": lambda m: {**m, "tolerances": {**m["tolerances"], "shape": {"kind": "exact"}}},
+}
+
+
+@pytest.mark.parametrize("corruption", list(MANIFEST_CORRUPTIONS))
+def test_a_malformed_manifest_is_an_error_naming_the_file(tmp_path, corruption):
+    """Issue 16, item 5: load_case on a manifest of the wrong structure
+    raises MrcError naming MANIFEST.json, never AttributeError or KeyError."""
+    case = tmp_path / "case"
+    shutil.copytree(cases.case_dir("tiny-1xn"), case)
+    manifest = json.loads((case / cases.MANIFEST).read_text(encoding="utf-8"))
+    (case / cases.MANIFEST).write_text(json.dumps(MANIFEST_CORRUPTIONS[corruption](manifest)), encoding="utf-8")
+    with pytest.raises(MrcError) as info:
+        testing.load_case(str(case))
+    message = str(info.value)
+    assert message.startswith(str(case / cases.MANIFEST) + ": ") and "\n" not in message, message
+    if corruption == "an unknown schema":
+        assert isinstance(info.value, UnsupportedVersion) and "schema_version 99" in message
+
+
+def test_a_manifest_that_is_not_json_is_an_error_naming_the_file(tmp_path):
+    case = tmp_path / "case"
+    shutil.copytree(cases.case_dir("tiny-1xn"), case)
+    (case / cases.MANIFEST).write_text("{not json", encoding="utf-8")
+    with pytest.raises(MrcError, match="MANIFEST.json: not a valid JSON file"):
+        testing.load_case(str(case))
+
+
+def test_probe_ranks_are_ints_in_python_and_strings_in_json(loaded):
+    """Issue 17, item 5: ``expected["stage1"][5]``; the JSON keeps strings;
+    a string key still finds the probe (code written for earlier releases)."""
+    for version in cases.versions():
+        case = testing.load_case("tiny-1xn", version)
+        probes = case["layers"]["layers.2"]["expected"]["stage1"]
+        assert list(probes) == [4, 5] and all(type(r) is int for r in probes)
+        assert probes[5] is probes["5"] and 5 in probes and "5" in probes and 6 not in probes
+        assert probes[5]["eigen_gap"] > 0  # schema 1's relative_gap, under the current name
+        with pytest.raises(KeyError):
+            probes[6]
+        with open(os.path.join(case["path"], "expected.json"), encoding="utf-8") as fh:
+            assert list(json.load(fh)["layers"]["layers.2"]["stage1"]) == ["4", "5"]
+
+
 def test_released_versions_are_immutable(tmp_path, capsys):
-    with pytest.raises(MrcError, match="released cases are immutable"):
-        generate.regenerate("v1")
-    assert cases_cli.main(["regenerate", "--version", "v1"]) == 2
-    assert "python -m mrc_ref.cases: error:" in capsys.readouterr().err
+    for version in VERSIONS:
+        with pytest.raises(MrcError, match="released cases are immutable"):
+            generate.regenerate(version)
+        assert cases_cli.main(["regenerate", "--version", version]) == 2
+        assert "python -m mrc_ref.cases: error:" in capsys.readouterr().err
+    assert cases_cli.main(["regenerate", "--version", "latest", "--into", str(tmp_path)]) == 2
+    assert "expected 'v' and a number" in capsys.readouterr().err and not os.listdir(tmp_path)
 
 
-def test_list_command(capsys):
-    assert cases_cli.main(["list"]) == 0
+def test_regenerate_writes_and_labels_the_version_it_is_given(tmp_path, capsys):
+    """``regenerate --version v9`` writes v9/<id> whose files all say v9, loadable."""
+    assert cases_cli.main(["regenerate", "--version", "v9", "--into", str(tmp_path), "--only", "tiny-1xn"]) == 0
+    assert "v9/tiny-1xn" in capsys.readouterr().out
+    case = cases.read_case(tmp_path / "v9" / "tiny-1xn")
+    assert case["version"] == "v9" and case["expected"]["version"] == "v9"
+    assert case["metadata"]["source"] == "mrc_ref.cases.generate v9/tiny-1xn"
+    assert case["manifest"]["schema_version"] == cases.SCHEMA_VERSION == 2
+    released = testing.load_case("tiny-1xn", LATEST)
+    assert compare.compare(case["expected"], released["expected"], released) == []
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_list_command(version, capsys):
+    assert cases_cli.main(["list"] + (["--version", version] if version != LATEST else [])) == 0
     out = capsys.readouterr().out
-    assert all(f"v1/{case_id}" in out for case_id in IDS) and "MB" in out
+    assert all(f"{version}/{case_id}" in out for case_id in cases.case_ids(version)) and "MB" in out
 
 
 @pytest.mark.slow
 def test_the_generator_reproduces_the_released_cases(tmp_path, loaded):
     """Regenerated from scratch (inputs included), every case matches the
     released one within its tolerances."""
-    generate.regenerate("v1", into=str(tmp_path))
+    generate.regenerate(generate.VERSION, into=str(tmp_path))
+    assert generate.VERSION == LATEST
     for case_id in IDS:
-        fresh = cases.read_case(tmp_path / "v1" / case_id)
+        fresh = cases.read_case(tmp_path / LATEST / case_id)
         assert compare.compare(fresh["expected"], loaded[case_id]["expected"], loaded[case_id]) == [], case_id
 
 
@@ -172,8 +302,8 @@ def test_a_built_wheel_contains_every_case(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("mrc_ref-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for case_id in IDS:
+    for version, case_id in ALL:
         for name in cases.CASE_FILES + (cases.MANIFEST,):
-            assert f"mrc_ref/cases/v1/{case_id}/{name}" in names, (case_id, name)
+            assert f"mrc_ref/cases/{version}/{case_id}/{name}" in names, (version, case_id, name)
     assert {"mrc_ref/testing.py", "mrc_ref/verify/__init__.py", "mrc_ref/verify/__main__.py",
             "mrc_ref/formats/acts.py", "data_tools/capture/__main__.py"} <= names

@@ -15,6 +15,7 @@ import scipy.linalg
 import scipy.optimize
 
 from mrc_ref import compensate, svd, testing
+from mrc_ref.certificates import metric_root
 from mrc_ref.errors import MrcError
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "testing.md")
@@ -124,9 +125,65 @@ def test_plain_weight_svd_fails_with_a_message_naming_everything():
     with pytest.raises(AssertionError) as info:
         testing.assert_stage1_optimal(W, C, A, B, layer="blocks.3.mlp.fc1")
     message = str(info.value)
-    for part in ("layer blocks.3.mlp.fc1", "Stage-1 NMSE at rank 4", "observed", "allowed ≤",
+    for part in ("layer blocks.3.mlp.fc1: rank 4: Stage-1 NMSE", "observed", "allowed ≤",
                  "rtol=1e-06", "atol=1e-10", f"{excess:.8g}"):
         assert part in message, (part, message)
+    assert len(message.splitlines()) == 2
+
+
+def test_rank_is_checked_when_given():
+    """Optimal at r − 1 passes without rank= (it is optimal at its own rank)
+    and fails with rank=r, naming the shapes, in two lines."""
+    W, X = layer(12, 9, 70, seed=3)
+    C = X.T @ X
+    A, B = whitened(W, C, 3)
+    testing.assert_stage1_optimal(W, C, A, B)
+    testing.assert_stage1_optimal(W, C, A, B, rank=3)
+    with pytest.raises(AssertionError) as info:
+        testing.assert_stage1_optimal(W, C, A, B, rank=4, layer="fc1", case="v2/demo")
+    message = str(info.value)
+    assert message.splitlines() == [
+        "case v2/demo: layer fc1: rank 4: factor shapes: observed A 12×3, B 3×9, allowed A 12×4, B 4×9",
+        "  (exact: A is m × rank, B is rank × n, for W 12×9)"]
+    A4, B4 = whitened(W, C, 4)
+    testing.assert_stage1_optimal(W, C, A4, B4, rank=4)
+    with pytest.raises(AssertionError, match="rank 4: Stage-1 NMSE"):  # right shapes, rank-3 content
+        testing.assert_stage1_optimal(W, C, np.column_stack([A, np.zeros(12)]), np.vstack([B, np.zeros(9)]), rank=4)
+
+
+@pytest.mark.parametrize("bad", ["transposed", "inner", "vector", "rank"])
+def test_wrong_shapes_are_failed_assertions_naming_the_layer(bad):
+    """What an implementation returns is judged, not trusted: transposed
+    factors, mismatched inner dimensions, a 1-D factor, another rank are an
+    AssertionError (not ValueError) of at most two lines, naming the case,
+    layer, rank, observed and allowed shapes; for a long layer name too."""
+    W, X = layer(10, 14, 60, seed=8)
+    C = X.T @ X
+    A, B = whitened(W, C, 3)
+    wrong = {"transposed": (B.T, A.T), "inner": (A, B[:2]), "vector": (A[:, 0], B[:1]),
+             "rank": (A[:, :2], B[:2])}[bad]
+    long = "encoder.layers.23.self_attention.query_key_value.base_layer.lora_wrapped" * 3
+    for name in ("fc", long):
+        for check in (lambda: testing.assert_stage1_optimal(W, C, *wrong, rank=3, layer=name, case="v2/x"),
+                      lambda: testing.assert_factorization_close(*wrong, A, B, gram=C, layer=name, case="v2/x"),
+                      lambda: testing.assert_factorization_close(*wrong, A, B, layer=name, case="v2/x")):
+            with pytest.raises(AssertionError) as info:
+                check()
+            lines = str(info.value).splitlines()
+            assert len(lines) == 2 and lines[0].startswith(f"case v2/x: layer {name}: rank 3: factor shapes: "), lines
+            assert "observed A " in lines[0] and "allowed A 10×3, B 3×14" in lines[0], lines
+
+
+def test_product_failure_says_the_rank_in_two_short_lines():
+    W, X = layer(16, 12, 80, seed=9)
+    C = X.T @ X
+    A, B = whitened(W, C, 4)
+    with pytest.raises(AssertionError) as info:
+        testing.assert_factorization_close(A, 1.01 * B, A, B, gram=C, layer="blocks.0.attn.qkv")
+    lines = str(info.value).splitlines()
+    assert len(lines) == 2 and lines[0].startswith("layer blocks.0.attn.qkv: rank 4: product A B (in the metric C): "
+                                                   "observed ‖error‖ "), lines
+    assert ", allowed ≤ " in lines[0] and "rtol=1e-07" in lines[1] and max(map(len, lines)) < 160, lines
 
 
 def test_ties_keep_the_nmse_but_not_the_subspace():
@@ -155,8 +212,30 @@ def test_products_that_differ_on_the_null_space_of_c_are_equal_under_c():
     testing.assert_factorization_close(A, B2, A, B, gram=C, rtol=1e-12)
     with pytest.raises(AssertionError, match="Frobenius"):
         testing.assert_factorization_close(A, B2, A, B)
-    with pytest.raises(AssertionError, match="rank: observed 2, allowed 3"):
+    with pytest.raises(AssertionError, match="rank 3: factor shapes: observed A 6×2, B 2×8, allowed A 6×3, B 3×8"):
         testing.assert_factorization_close(A[:, :2], B[:2], A, B, gram=C)
+
+
+def test_the_metric_of_c_is_measured_on_its_numerical_range():
+    """‖D‖_C of a D that lives on the null space of a singular C (fewer rows
+    than features) is 0 to round-off, and the norm of a D on the range is
+    tr(D C Dᵀ)^½ to round-off; the direct trace formula puts √(n ε λ_max)
+    noise on the first (the comparisons under C used it)."""
+    rng = np.random.default_rng(12)
+    X = rng.standard_normal((6, 20)) * 10.0
+    C = X.T @ X  # rank 6
+    S = metric_root(C)
+    assert S.shape == (20, 6)
+    null = scipy.linalg.null_space(X)  # 20 × 14
+    D0 = rng.standard_normal((5, 14)) @ null.T * 100.0
+    scale = np.linalg.norm(D0) * np.sqrt(np.linalg.norm(C, 2))  # ~5e4
+    assert np.linalg.norm(D0 @ S) < 1e-14 * scale  # ~1e-11
+    assert np.sqrt(abs(float(np.sum((D0 @ C) * D0)))) > 1e-10 * scale  # the direct formula: ~5e-5, √ε
+    D1 = rng.standard_normal((5, 20))
+    assert np.linalg.norm(D1 @ S) ** 2 == pytest.approx(np.sum((D1 @ C) * D1), rel=1e-12)
+    A, B = rng.standard_normal((5, 2)), rng.standard_normal((2, 20))
+    testing.assert_factorization_close(A, B + rng.standard_normal((2, 5)) @ null[:, :5].T * 1e3, A, B, gram=C,
+                                       rtol=1e-12)
 
 
 # ----------------------------------------------------------------- Stage 2
@@ -202,7 +281,7 @@ def test_allocation_gap_takes_mappings():
 
 def test_allocation_validity():
     testing.assert_allocation_valid([2, None, 3], SHAPES, 361, 1, fixed=5)  # 84 + 160 + 112 + 5
-    with pytest.raises(AssertionError, match=r"total parameters: observed 361, allowed ≤ 360 \(exact"):
+    with pytest.raises(AssertionError, match=r"total parameters: observed 361, allowed ≤ 360\n  \(exact"):
         testing.assert_allocation_valid([2, None, 3], SHAPES, 360, 1, fixed=5)
     with pytest.raises(AssertionError, match="layer b: rank: observed 0"):
         testing.assert_allocation_valid({"a": 1, "b": 0, "c": 1}, dict(zip("abc", SHAPES)), 9999, 1)
@@ -303,12 +382,20 @@ def test_assert_case_close_applies_the_case_tolerance():
     testing.assert_case_close(spectrum * (1 + 1e-12), spectrum, case, "spectrum", layer=name)
     with pytest.raises(AssertionError) as info:
         testing.assert_case_close(spectrum * (1 + 1e-6), spectrum, case, "spectrum", layer=name)
-    assert re.search(rf"layer {re.escape(name)}: case v1/well-conditioned: spectrum: observed max \|error\| .*"
-                     r"allowed ≤ .*array, rtol=1e-10", str(info.value))
-    product = lay["expected"]["stage1"]["1"]["product"]
+    assert re.fullmatch(rf"case {case['version']}/well-conditioned: layer {re.escape(name)}: spectrum: observed max "
+                        r"\|error\| .*, allowed ≤ .*\n  \(array, rtol=1e-10, atol=0; why: .*\)", str(info.value))
+    product = lay["expected"]["stage1"][1]["product"]
     testing.assert_case_close(product[0] @ product[1], product, case, "stage1_product", layer=name)
     with pytest.raises(AssertionError, match="in the metric C"):
         testing.assert_case_close((2 * product[0], product[1]), product, case, "stage1_product", layer=name)
+    for wrong, seen in (((product[1].T, product[0].T), "factors 32×1 and 1×48"),  # transposed
+                        ((product[0], product[1][:, :5]), "factors 48×1 and 1×5")):
+        with pytest.raises(AssertionError) as info:
+            testing.assert_case_close(wrong, product, case, "stage1_product", layer=name)
+        lines = str(info.value).splitlines()
+        assert len(lines) == 2 and lines[0].startswith(
+            f"case {case['version']}/well-conditioned: layer {name}: rank 1: stage1_product: observed {seen}, "
+            "allowed a product of shape 48×32"), lines
 
 
 # ----------------------------------------------------------------- docs/testing.md

@@ -18,6 +18,7 @@ cases; :mod:`mrc_ref.cases.reference` computes expected values;
 """
 
 import hashlib
+import math
 import os
 import re
 
@@ -25,16 +26,24 @@ import numpy as np
 
 from .. import formats, pipeline, stats
 from ..formats import read_json
+from ..errors import MrcError, UnsupportedVersion
 from ..pipeline import config_from_json
-from ..errors import MrcError
 
-__all__ = ["ROOT", "SCHEMA_VERSION", "CASE_FILES", "MANIFEST", "versions", "resolve_version", "case_ids",
-           "case_dir", "case_bytes", "sha256", "read_manifest", "check_files", "config_from_json", "resolve",
-           "read_inputs", "read_case"]
+__all__ = ["ROOT", "SCHEMA_VERSION", "SCHEMA_VERSIONS", "CASE_FILES", "MANIFEST", "versions", "resolve_version",
+           "case_ids", "case_dir", "case_bytes", "sha256", "read_manifest", "check_files", "config_from_json", "resolve",
+           "read_inputs", "Probes", "normalize", "read_case"]
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-#: Version of the case layout (files, manifest and ``expected.json`` schema).
-SCHEMA_VERSION = 1
+#: Version of the case layout (files, manifest and ``expected.json`` schema)
+#: that :mod:`mrc_ref.cases.generate` writes. Schema 2 (case version v2 on)
+#: names the eigen-gap at a probe rank ``eigen_gap``; schema 1 (v1) called it
+#: ``relative_gap``.
+SCHEMA_VERSION = 2
+#: The schemas this release reads.
+SCHEMA_VERSIONS = (1, 2)
+#: Tolerance kinds and metrics a manifest may state (docs/testing.md, "Tolerances").
+TOLERANCE_KINDS = ("exact", "scalar", "array", "product")
+METRICS = ("C", "identity")
 #: The files of a case, every one hashed in its manifest.
 CASE_FILES = ("weights.safetensors", "acts.h5", "config.json", "expected.json", "expected.safetensors")
 MANIFEST = "MANIFEST.json"
@@ -94,12 +103,95 @@ def sha256(path):
     return digest.hexdigest()
 
 
+def _json_kind(value):
+    """The JSON name of a parsed value's type (``array``, ``null``, …)."""
+    for kind, types in (("null", type(None)), ("boolean", bool), ("number", (int, float)), ("string", str),
+                        ("array", list), ("object", dict)):
+        if isinstance(value, types):
+            return kind
+    return type(value).__name__
+
+
+def _short(value):
+    """``repr(value)``, cut to 60 characters, for one-line messages."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _manifest_problem(manifest):
+    """The first structural problem of a parsed manifest, or ``None``."""
+    def text(v):
+        return isinstance(v, str)
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+    if not isinstance(manifest, dict):
+        return f"not a case manifest: a JSON {_json_kind(manifest)}, expected an object"
+    schema = manifest.get("schema_version")
+    if type(schema) is not int or schema not in SCHEMA_VERSIONS:
+        return UnsupportedVersion(f"schema_version {_short(schema)}: this release reads "
+                                  f"{', '.join(map(str, SCHEMA_VERSIONS))} (a newer mrc_ref may read it)")
+    for key in ("id", "version", "description", "difficulty"):
+        if not text(manifest.get(key)):
+            return f"{key}: expected a string, got {_short(manifest.get(key))}"
+    if not _VERSION.match(manifest["version"]):
+        return f"version: expected 'v<number>', got {_short(manifest['version'])}"
+    for key in ("tags", "notes"):
+        value = manifest.get(key, [] if key == "notes" else None)
+        if not isinstance(value, list) or not all(text(v) for v in value):
+            return f"{key}: expected a list of strings, got {_short(value)}"
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return f"files: expected an object of file name -> {{sha256, bytes}}, got {_json_kind(files)}"
+    for name, info in files.items():
+        if not isinstance(info, dict):
+            return f"files.{name}: expected an object with sha256 and bytes, got {_short(info)}"
+        size, digest = info.get("bytes"), info.get("sha256")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            return f"files.{name}.bytes: expected a non-negative integer, got {_short(size)}"
+        if not text(digest) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            return f"files.{name}.sha256: expected 64 lowercase hex digits, got {_short(digest)}"
+        if os.path.basename(name) != name or name in (MANIFEST, ".", ".."):
+            return f"files: {_short(name)} is not a file name of the case directory"
+    tolerances = manifest.get("tolerances")
+    if not isinstance(tolerances, dict):
+        return f"tolerances: expected an object of quantity -> tolerance, got {_json_kind(tolerances)}"
+    for quantity, tol in tolerances.items():
+        if not isinstance(tol, dict):
+            return f"tolerances.{quantity}: expected an object, got {_short(tol)}"
+        if tol.get("kind") not in TOLERANCE_KINDS:
+            return (f"tolerances.{quantity}.kind: expected one of {', '.join(TOLERANCE_KINDS)}, "
+                    f"got {_short(tol.get('kind'))}")
+        for key in ("rtol", "atol"):
+            if key in tol and not number(tol[key]):
+                return f"tolerances.{quantity}.{key}: expected a finite number ≥ 0, got {_short(tol[key])}"
+        if tol["kind"] == "product" and tol.get("metric", "identity") not in METRICS:
+            return (f"tolerances.{quantity}.metric: expected one of {', '.join(METRICS)}, "
+                    f"got {_short(tol.get('metric'))}")
+        if not text(tol.get("reason")):
+            return f"tolerances.{quantity}.reason: expected a string, got {_short(tol.get('reason'))}"
+    return None
+
+
 def read_manifest(directory):
-    """The parsed ``MANIFEST.json`` of a case directory."""
-    manifest = read_json(os.path.join(directory, MANIFEST))
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise MrcError(f"schema_version {manifest.get('schema_version')!r}, expected {SCHEMA_VERSION}",
-                       file=os.path.join(directory, MANIFEST))
+    """The parsed ``MANIFEST.json`` of a case directory, after checking its
+    structure (types of every field this module reads).
+
+    Raises
+    ------
+    MrcError
+        Naming the manifest file: not a JSON object, a schema this release
+        does not read, or a field of the wrong type (a ``files`` entry
+        without ``bytes`` or ``sha256``, a tolerance of an unknown kind, …).
+    """
+    path = os.path.join(directory, MANIFEST)
+    manifest = read_json(path, "case manifest")
+    problem = _manifest_problem(manifest)
+    if isinstance(problem, MrcError):
+        raise problem.at(file=path)
+    if problem:
+        raise MrcError(problem, file=path)
     return manifest
 
 
@@ -154,6 +246,59 @@ def read_inputs(directory):
     return tensors, metadata, raw, tokens, config
 
 
+class Probes(dict):
+    """The Stage-1 probes of a layer, keyed by rank as an ``int``
+    (``stage1[5]``). A rank written as a string (``stage1["5"]``, the key of
+    the JSON file) is looked up as the ``int``, for code written against
+    earlier releases."""
+
+    def __missing__(self, key):
+        if isinstance(key, str) and key.isdigit():
+            return self[int(key)]
+        raise KeyError(key)
+
+    def __contains__(self, key):
+        if isinstance(key, str) and key.isdigit():
+            key = int(key)
+        return dict.__contains__(self, key)
+
+
+def normalize(doc, path=None):
+    """An ``expected.json`` document (parsed, schema 1 or 2) in the form the
+    Python API gives: the Stage-1 probes of every layer keyed by ``int`` rank
+    (:class:`Probes`; JSON keys are strings), the eigen-gap at each probe as
+    ``eigen_gap`` (schema 1 wrote ``relative_gap``, kept beside it). Returns
+    a new document; ``doc`` is not modified.
+
+    Raises
+    ------
+    MrcError
+        Naming ``path``: a document without the layers and allocation
+        sections, or a probe rank that is not a non-negative integer.
+    """
+    if not isinstance(doc, dict) or not isinstance(doc.get("layers"), dict) \
+            or not isinstance(doc.get("allocation"), dict):
+        raise MrcError("not an expected-values document: no 'layers' or 'allocation' object", file=path)
+    layers = {}
+    for name, layer in doc["layers"].items():
+        if not isinstance(layer, dict) or not isinstance(layer.get("stage1", {}), dict):
+            raise MrcError(f"layers.{name}: expected an object with a 'stage1' object", file=path)
+        probes = Probes()
+        for rank, item in layer.get("stage1", {}).items():
+            key = rank if isinstance(rank, int) and not isinstance(rank, bool) else None
+            if key is None and isinstance(rank, str) and rank.isdigit():
+                key = int(rank)
+            if key is None or key < 0 or not isinstance(item, dict):
+                raise MrcError(f"layers.{name}.stage1.{rank}: expected a probe rank (a non-negative integer) "
+                               "with an object", file=path)
+            item = dict(item)
+            if "eigen_gap" not in item and "relative_gap" in item:
+                item["eigen_gap"] = item["relative_gap"]
+            probes[key] = item
+        layers[name] = dict(layer, stage1=probes)
+    return dict(doc, layers=layers)
+
+
 def read_case(directory):
     """A case, loaded after :func:`check_files` (see :func:`mrc_ref.testing.load_case`)."""
     directory = os.path.abspath(os.fspath(directory))
@@ -163,20 +308,30 @@ def read_case(directory):
         raise MrcError("; ".join(problems), file=directory)
     tensors, metadata, raw, tokens, config = read_inputs(directory)
     arrays, _ = formats.read_safetensors(os.path.join(directory, "expected.safetensors"))
-    expected = resolve(read_json(os.path.join(directory, "expected.json")), arrays)
+    path = os.path.join(directory, "expected.json")
+    try:
+        expected = normalize(resolve(read_json(path), arrays), path)
+    except KeyError as exc:
+        raise MrcError(f"refers to array {exc} that expected.safetensors does not hold", file=path) from None
     layers = {}
     for name, exp in expected["layers"].items():
+        if name not in raw:
+            raise MrcError(f"expects values for layer {name!r}, which config.json does not select", file=path)
         W = np.asarray(tensors[name + ".weight"], dtype=np.float64)
         n = W.shape[1]
         C = stats.metric(config.statistic, stats.validate(raw[name], n, np), n, np)
         layers[name] = {"W": W, "C": C, "shape": W.shape, "stats": raw[name], "expected": exp}
     alloc = expected["allocation"]
+    try:
+        budget, fixed, q = alloc["budget"], alloc["fixed"], alloc["residual_rank"]
+    except KeyError as exc:
+        raise MrcError(f"allocation has no {exc}", file=path) from None
     return {
         "id": manifest["id"], "version": manifest["version"], "path": directory,
         "description": manifest["description"], "tags": list(manifest["tags"]),
         "difficulty": manifest["difficulty"], "notes": list(manifest.get("notes", [])),
         "manifest": manifest, "tolerances": manifest["tolerances"],
         "config": config.to_json(), "expected": expected, "tensors": tensors, "metadata": metadata,
-        "layers": layers, "budget": alloc["budget"], "fixed": alloc["fixed"],
-        "residual_rank": alloc["residual_rank"], "damp": config.damping, "tokens": tokens,
+        "layers": layers, "budget": budget, "fixed": fixed,
+        "residual_rank": q, "damp": config.damping, "tokens": tokens,
     }

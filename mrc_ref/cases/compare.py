@@ -3,7 +3,7 @@ tolerance the case states for each quantity (docs/testing.md, "Tolerances")."""
 
 import numpy as np
 
-from ..certificates import as_host, factor_pair, failure, g8, metric_norm_sq
+from ..certificates import as_host, factor_pair, failure, g8, metric_root
 
 __all__ = ["assert_case_close", "items", "lookup", "compare"]
 
@@ -40,13 +40,17 @@ def _close(kind, actual, expected, tol, C):
         allowed = atol + rtol * (float(np.max(np.abs(e))) if e.size else 0.0)
         return err <= allowed, f"max |error| {g8(err)}", f"≤ {g8(allowed)}"
     if kind == "product":
-        left, right = factor_pair(*actual)
         ref_left, ref_right = factor_pair(*expected, "reference")
-        if (left.shape[0], right.shape[1]) != (ref_left.shape[0], ref_right.shape[1]):
-            return False, f"shape {(left.shape[0], right.shape[1])}", f"shape {(ref_left.shape[0], ref_right.shape[1])}"
+        left, right = (as_host(a) for a in actual)
+        shape = (ref_left.shape[0], ref_right.shape[1])
+        if not (left.ndim == right.ndim == 2 and left.shape[1] == right.shape[0]
+                and (left.shape[0], right.shape[1]) == shape):
+            dims = [("×".join(map(str, a.shape)) or "a scalar") for a in (left, right)]
+            return False, f"factors {dims[0]} and {dims[1]}", f"a product of shape {shape[0]}×{shape[1]}"
         ref = ref_left @ ref_right
-        err = metric_norm_sq(left @ right - ref, C) ** 0.5
-        allowed = atol + rtol * max(metric_norm_sq(ref, C), 0.0) ** 0.5
+        S = None if C is None else metric_root(C)  # ‖D‖_C = ‖D S‖_F, on the numerical range of C
+        err = float(np.linalg.norm(left @ right - ref if S is None else (left @ right - ref) @ S))
+        allowed = atol + rtol * float(np.linalg.norm(ref if S is None else ref @ S))
         return err <= allowed, f"‖error‖ {g8(err)}", f"≤ {g8(allowed)}"
     raise ValueError(f"unknown tolerance kind {kind!r}")
 
@@ -76,6 +80,13 @@ def assert_case_close(actual, expected, case, quantity, *, layer=None, where=Non
         tolerance in the metric ``C`` uses).
     where : str, optional
         More context for the message (a rank, a rule).
+
+    Raises
+    ------
+    AssertionError
+        In two lines: the case, layer (and, for a product, its rank), the
+        quantity, the observed and allowed values, the tolerance. Factors of
+        the wrong shapes fail too.
     """
     tol = case["tolerances"].get(quantity)
     if tol is None:
@@ -90,14 +101,21 @@ def assert_case_close(actual, expected, case, quantity, *, layer=None, where=Non
         expected = expected if isinstance(expected, tuple) else (expected, np.eye(np.shape(expected)[1]))
     ok, observed, allowed = _close(tol["kind"], actual, expected, tol, C)
     if not ok:
-        name = quantity if where is None else f"{quantity} ({where})"
+        rank = None
+        if tol["kind"] == "product" and isinstance(expected, tuple) and np.ndim(expected[0]) == 2:
+            rank = np.shape(expected[0])[1]  # the expected product's rank: the probe's
+            if np.ndim(actual[0]) == 2 and np.shape(actual[0])[1] != rank:
+                observed = f"rank {np.shape(actual[0])[1]}, {observed}"
+        name = quantity if where is None or where == f"rank {rank}" else f"{quantity} ({where})"
         metric = " in the metric C" if C is not None else ""
-        raise failure(layer, f"case {case['version']}/{case['id']}: {name}", observed, allowed,
-                    f"{tol['kind']}{metric}, rtol={tol.get('rtol', 0):g}, atol={tol.get('atol', 0):g}: {tol['reason']}")
+        raise failure(layer, name, observed, allowed,
+                      f"{tol['kind']}{metric}, rtol={tol.get('rtol', 0):g}, atol={tol.get('atol', 0):g}; "
+                      f"why: the case's tolerances[{quantity!r}]['reason']", case=case, rank=rank)
 
 
 def items(doc):
-    """Every expected value of a document, as ``(quantity, layer, where, path)``;
+    """Every expected value of a document (in the form of
+    :func:`mrc_ref.cases.normalize`), as ``(quantity, layer, where, path)``;
     ``path`` is the key path into ``doc``, ``quantity`` the key of its
     tolerance in the manifest. Omitted values are not listed."""
     for name, layer in doc["layers"].items():
@@ -107,7 +125,7 @@ def items(doc):
         yield "nmse_curve", name, None, base + ("nmse_curve",)
         for r, item in layer["stage1"].items():
             yield "stage1_nmse", name, f"rank {r}", base + ("stage1", r, "nmse")
-            yield "stage1_gap", name, f"rank {r}", base + ("stage1", r, "relative_gap")
+            yield "stage1_gap", name, f"rank {r}", base + ("stage1", r, "eigen_gap")
             if item.get("product") is not None:
                 yield "stage1_product", name, f"rank {r}", base + ("stage1", r, "product")
         comp = layer["compressed"]

@@ -3,8 +3,18 @@
 Each case is built from a small deterministic model (NumPy only) or, for
 the end-to-end case, derived from the embedded example's files; its expected
 values come from :func:`mrc_ref.cases.reference.expected_values` on the
-inputs as stored (read back from the written files), after two robustness
-checks that refuse a case whose expected values round-off could decide:
+inputs as stored (read back from the written files), after checks that
+refuse a case a correct implementation could not meet:
+
+- every stored Gram is exactly symmetric and positive semi-definite to
+  float64 round-off, ``λ_min ≥ −n ε λ_max`` (:func:`check_grams`);
+- every expected Stage-1 NMSE is attained, within a tenth of its tolerance,
+  by the expected product itself, measured by the independent certificate
+  (:func:`mrc_ref.certificates.certify_stage1`), and equals the
+  certificate's optimum (:func:`check_attainable`);
+
+and two robustness checks that refuse a case whose expected values
+round-off could decide:
 
 - every allocation rule returns the same ranks when the spectra are
   perturbed by a relative ``ALLOCATION_JITTER``;
@@ -22,17 +32,18 @@ import h5py
 import numpy as np
 import scipy
 
-from .. import __version__, allocate, formats, pipeline, svd
+from .. import __version__, allocate, certificates, formats, pipeline, stats, svd, vit
 from ..errors import MrcError
 from ..example import EXAMPLE_DIR
-from . import CASE_FILES, MANIFEST, ROOT, SCHEMA_VERSION, read_inputs, resolve, sha256
+from . import _VERSION, CASE_FILES, MANIFEST, ROOT, SCHEMA_VERSION, normalize, read_inputs, resolve, sha256
 from .compare import compare, items
 from .reference import GAP_MIN, expected_values
 
-__all__ = ["VERSION", "TOLERANCES", "specs", "write_case", "regenerate"]
+__all__ = ["VERSION", "TOLERANCES", "specs", "check_grams", "check_attainable", "write_case", "regenerate"]
 
-#: The version directory this generator writes.
-VERSION = "v1"
+#: The version directory this generator writes by default: the latest
+#: release (v1 was written by the generator of mrc_ref 0.1.0; CHANGELOG.md).
+VERSION = "v2"
 ALLOCATION_JITTER = 1e-8
 INPUT_JITTER = 1e-13
 #: Proxy images of the embedded example kept in the end-to-end case.
@@ -52,7 +63,9 @@ TOLERANCES = {
     "stage1_nmse": {
         "kind": "scalar", "rtol": 0.0, "atol": 1e-10,
         "reason": "the optimal Stage-1 NMSE at a probe rank; tie-robust: every optimal rank-r product attains "
-                  "it, whichever of tied directions it keeps; round-off as nmse_curve"},
+                  "it, whichever of tied directions it keeps, measured as tr(ΔW C ΔWᵀ)/tr(W C Wᵀ) (at generation "
+                  "the expected product and the certificate's optimum met it within a tenth of atol); round-off "
+                  "as nmse_curve"},
     "stage1_gap": {
         "kind": "scalar", "rtol": 0.0, "atol": 1e-10,
         "reason": "relative eigen-gap (σ_r² − σ_{r+1}²) / σ_1² at a probe rank: a difference of eigenvalues "
@@ -134,7 +147,7 @@ def _layers(rng, shapes, rows, dead=(), dtype=np.float64, stats_dtype=np.float64
 
 def _spec(case_id, description, tags, difficulty, tensors, raw, probes, notes=(), config=None, tolerances=None):
     return {"id": case_id, "description": description, "tags": list(tags), "difficulty": difficulty,
-            "tensors": tensors, "metadata": {"source": f"mrc_ref.cases.generate {VERSION}/{case_id}"},
+            "tensors": tensors, "metadata": None,
             "stats": raw, "tokens": None, "probes": probes, "notes": list(notes),
             "config": pipeline.Config(**{**SYNTHETIC, **(config or {})}),
             "tolerances": {**TOLERANCES, **(tolerances or {})}}
@@ -231,9 +244,28 @@ def tiny():
                  notes=["At rank 1 = min(m, n) the tiny layers are reproduced exactly (NMSE 0)."])
 
 
+def _float64_grams(tensors, metadata, tokens, names):
+    """Per layer, ``gram`` ``Σ x xᵀ``, ``sum`` ``Σ x`` and ``rows`` of its
+    inputs ``x`` over every token of ``tokens`` (block-0 inputs), through
+    mrc_ref's float64 forward pass; each Gram is symmetrized exactly."""
+    params = vit.prepare(tensors, np)
+    heads = vit.resolve_num_heads(tensors, None, metadata)
+    raw = {}
+
+    def hook(name, x):
+        if name in names:
+            X = x.reshape(-1, x.shape[-1])
+            gram = X.T @ X
+            raw[name] = {"gram": (gram + gram.T) / 2, "sum": X.sum(axis=0), "rows": int(X.shape[0])}
+
+    vit.blocks(params, np.asarray(tokens, dtype=np.float64), heads, np, hook=hook)
+    return {name: raw[name] for name in names}
+
+
 def vit_example(example_dir):
-    """The embedded example ViT end to end: its weights as they are, its
-    Grams as stored (float32), and the first proxy images' tokens."""
+    """The embedded example ViT end to end: its weights as they are, the
+    Grams of its calibration images recomputed in float64 from their stored
+    block-0 tokens, and the first proxy images' tokens."""
     model, acts = os.path.join(example_dir, "model.safetensors"), os.path.join(example_dir, "acts.h5")
     for path in (model, acts):
         if not os.path.isfile(path):
@@ -242,32 +274,84 @@ def vit_example(example_dir):
     config = pipeline.Config(compensation="sequential", allocation="optimal", reduction=0.6, residual_rank=8)
     names = pipeline.select_layers(tensors, config.layers)
     with formats.open_activations(acts) as f:
-        raw = {name: formats.read_layer_stats(f, name, acts) for name in names}
-        tokens = formats.read_proxy_tokens(f)[:VIT_PROXY_IMAGES]
+        stored = {name: formats.read_layer_stats(f, name, acts) for name in names}
+        all_tokens = formats.read_proxy_tokens(f)
         num_images = int(f.attrs.get("num_images", 0))
-    for st in raw.values():
-        st.pop("gram_normalized", None)
-    return {"id": "vit-example", "tags": ["vit", "end-to-end", "float32-stats"], "difficulty": "average",
+    if all_tokens is None or all_tokens.shape[0] != num_images:
+        raise MrcError(f"expected the proxy tokens of all {num_images} calibration images", file=acts)
+    raw = _float64_grams(tensors, metadata, all_tokens, names)
+    drift = max(float(np.max(np.abs(raw[k]["gram"] - stored[k]["gram"])) / np.max(np.abs(raw[k]["gram"])))
+                for k in names)
+    if not drift < 1e-6:  # the example stores float32 Grams of the same tokens: they must agree to float32
+        raise MrcError(f"the float64 Grams of the proxy tokens differ from the stored ones by {drift:.3g}", file=acts)
+    tokens = all_tokens[:VIT_PROXY_IMAGES]
+    rows = raw[names[0]]["rows"]
+    return {"id": "vit-example", "tags": ["vit", "end-to-end", "rank-deficient-c"], "difficulty": "average",
             "description": "The embedded example (a 4-block timm ViT, width 64, trained on scikit-learn's digits) "
                            "compressed end to end by 60 % with the default options: optimal allocation, "
                            "sequential exact Stage 3, residual rank 8.",
             "tensors": tensors, "metadata": metadata, "weights_file": model, "stats": raw, "tokens": tokens,
             "probes": {}, "config": config,
             "tolerances": {**TOLERANCES, **FLOAT32_FACTORS},
-            "notes": [f"acts.h5 keeps the example's Grams of {num_images} calibration images as stored (float32) "
-                      f"and the block-0 tokens of its first {VIT_PROXY_IMAGES} proxy images; gram_normalized is "
-                      "dropped. The logits are those of the original and the compressed model on these tokens.",
-                      "Sequential Stage 3: each layer's residual depends on the compressed layers before it."],
+            "notes": [f"acts.h5 holds the Grams of the example's {num_images} calibration images ({rows} token "
+                      "rows), computed in float64 by mrc_ref's forward pass from their block-0 tokens as the "
+                      "example stores them (float32), and symmetrized exactly; they agree with the example's "
+                      f"own float32 Grams to {drift:.1e} of the largest entry. Every Gram is positive "
+                      "semi-definite to float64 round-off. The block-0 tokens of the first "
+                      f"{VIT_PROXY_IMAGES} proxy images are kept; the logits are those of the original and "
+                      "the compressed model on them.",
+                      "blocks.0.attn.qkv's Gram has rank 34 of 64: its inputs are LayerNorm outputs of block-0 "
+                      "tokens spanned by the greyscale 4×4 patches and the position embeddings. Its C is "
+                      "singular: a Cholesky factorization fails; compare products under C (gram=C).",
+                      "Sequential Stage 3: each layer's residual depends on the compressed layers before it.",
+                      "The weights, and so the stored residual factors, are float32."],
             "provenance": {"model.safetensors": sha256(model), "acts.h5": sha256(acts)}}
 
 
 def specs(example_dir):
-    """Every case of :data:`VERSION`."""
+    """Every case the generator writes (the recipe of :data:`VERSION`)."""
     return [well_conditioned(), rank_deficient(), dead_channels(), near_tie(), float32_stats(), tiny(),
             vit_example(example_dir)]
 
 
 # ----------------------------------------------------------------- checks
+def check_grams(case_id, raw):
+    """Refuse a stored Gram (as widened to float64) that is not exactly
+    symmetric, or not positive semi-definite to float64 round-off:
+    ``λ_min ≥ −n ε λ_max`` (a backward-stable eigensolver's own error; the
+    float32 Grams of case v1 vit-example reached −4·10⁵ times that)."""
+    for name, st in raw.items():
+        C = np.asarray(st["gram"], dtype=np.float64)
+        if not np.array_equal(C, C.T):
+            raise MrcError(f"case {case_id}: layer {name}: the stored Gram is not exactly symmetric")
+        lam = np.linalg.eigvalsh(C)
+        floor = -C.shape[0] * np.finfo(np.float64).eps * max(float(lam[-1]), 0.0)
+        if not lam[0] >= floor:
+            raise MrcError(f"case {case_id}: layer {name}: the stored Gram is indefinite (smallest eigenvalue "
+                           f"{lam[0]:.3g}, largest {lam[-1]:.3g}): store it so that it is positive semi-definite")
+
+
+def check_attainable(case_id, doc, tensors, raw, config, tolerances):
+    """Refuse an expected Stage-1 NMSE that a correct implementation could
+    miss: the expected product, measured by the independent certificate
+    (:func:`mrc_ref.certificates.certify_stage1`, ``tr(ΔW C ΔWᵀ)/tr(W C Wᵀ)``),
+    and the certificate's own optimum must both lie within a tenth of the
+    tolerance of the expected value."""
+    atol = tolerances["stage1_nmse"].get("atol", 0.0) / 10
+    for name, layer in doc["layers"].items():
+        W = np.asarray(tensors[name + ".weight"], dtype=np.float64)
+        n = W.shape[1]
+        C = stats.metric(config.statistic, stats.validate(raw[name], n, np), n, np)
+        curve = certificates.optimal_nmse_curve(W, C)
+        for r, item in layer["stage1"].items():
+            off = abs(float(curve[min(r, len(curve) - 1)]) - item["nmse"])
+            if item.get("product") is not None:
+                off = max(off, abs(certificates.certify_stage1(W, C, *item["product"])["nmse"] - item["nmse"]))
+            if not off <= atol:
+                raise MrcError(f"case {case_id}: layer {name}: rank {r}: the expected NMSE {item['nmse']!r} is "
+                               f"missed by {off:.3g} by the certificate (> a tenth of atol)")
+
+
 def check_allocation(spec, doc):
     """Refuse a case whose ranks round-off could decide (module docstring)."""
     a = doc["allocation"]
@@ -301,7 +385,7 @@ def check_inputs(spec, case, doc, arrays, tensors, metadata, raw, tokens, config
     other, other_arrays = expected_values(tensors, metadata, jittered, config, probes=spec["probes"], tokens=tokens)
     tight = dict(case, tolerances={k: dict(v, rtol=v.get("rtol", 0) / 10, atol=v.get("atol", 0) / 10)
                                    for k, v in case["tolerances"].items()})
-    failures = compare(resolve(other, other_arrays), resolve(doc, arrays), tight)
+    failures = compare(normalize(resolve(other, other_arrays)), normalize(resolve(doc, arrays)), tight)
     if failures:
         raise MrcError(f"case {spec['id']}: expected values not robust to a relative {INPUT_JITTER:g} perturbation "
                        f"of the Grams: {failures[0]} (and {len(failures) - 1} more)")
@@ -315,35 +399,40 @@ def _write_json(path, obj):
             fh.write(json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
-def write_case(spec, directory):
-    """Write one case into ``directory`` (which must not exist)."""
+def write_case(spec, directory, version=VERSION):
+    """Write one case into ``directory`` (which must not exist), labelled
+    ``version``."""
     os.makedirs(directory)
+    source = f"mrc_ref.cases.generate {version}/{spec['id']}"
+    check_grams(spec["id"], spec["stats"])
     weights = os.path.join(directory, "weights.safetensors")
     if "weights_file" in spec:
         shutil.copyfile(spec["weights_file"], weights)
     else:
-        formats.write_safetensors(weights, spec["tensors"], spec["metadata"])
+        formats.write_safetensors(weights, spec["tensors"], spec["metadata"] or {"source": source})
     formats.write_activations(os.path.join(directory, "acts.h5"), spec["stats"], proxy_tokens=spec["tokens"],
-                              attrs={"source": f"mrc_ref.cases.generate {VERSION}/{spec['id']}"})
+                              attrs={"source": source})
     _write_json(os.path.join(directory, "config.json"), spec["config"].to_json())
     tensors, metadata, raw, tokens, config = read_inputs(directory)  # the inputs as stored
+    check_grams(spec["id"], raw)
     doc, arrays = expected_values(tensors, metadata, raw, config, probes=spec["probes"], tokens=tokens)
     layers = {}
     for name, st in raw.items():
         W = np.asarray(tensors[name + ".weight"], dtype=np.float64)
         layers[name] = {"C": np.asarray(st["gram"], dtype=np.float64), "W": W}
-    case = {"id": spec["id"], "version": VERSION, "tolerances": spec["tolerances"], "layers": layers}
-    missing = {quantity for quantity, *_ in items(doc)} - set(spec["tolerances"])
+    case = {"id": spec["id"], "version": version, "tolerances": spec["tolerances"], "layers": layers}
+    resolved = normalize(resolve(doc, arrays))
+    missing = {quantity for quantity, *_ in items(resolved)} - set(spec["tolerances"])
     if missing:
         raise MrcError(f"case {spec['id']}: no tolerance for {', '.join(sorted(missing))}")
+    check_attainable(spec["id"], resolved, tensors, raw, config, spec["tolerances"])
     check_allocation(spec, doc)
     check_inputs(spec, case, doc, arrays, tensors, metadata, raw, tokens, config)
     _write_json(os.path.join(directory, "expected.json"),
-                       {"schema_version": SCHEMA_VERSION, "id": spec["id"], "version": VERSION, **doc})
-    formats.write_safetensors(os.path.join(directory, "expected.safetensors"), arrays,
-                              {"source": f"mrc_ref.cases.generate {VERSION}/{spec['id']}"})
+                {"schema_version": SCHEMA_VERSION, "id": spec["id"], "version": version, **doc})
+    formats.write_safetensors(os.path.join(directory, "expected.safetensors"), arrays, {"source": source})
     manifest = {
-        "schema_version": SCHEMA_VERSION, "id": spec["id"], "version": VERSION,
+        "schema_version": SCHEMA_VERSION, "id": spec["id"], "version": version,
         "description": spec["description"], "tags": spec["tags"], "difficulty": spec["difficulty"],
         "notes": spec["notes"],
         "generated_by": {"mrc_ref": __version__, "numpy": np.__version__, "scipy": scipy.__version__,
@@ -359,19 +448,25 @@ def write_case(spec, directory):
 
 def regenerate(version=VERSION, into=ROOT, example_dir=None, only=None):
     """Write every case (or those in ``only``) of the generator into
-    ``into/version/<id>``; refuses an existing version directory, since
-    released cases are immutable. Returns the case directories."""
+    ``into/version/<id>``, labelled ``version`` (``"v<number>"``); refuses an
+    existing version directory, since released cases are immutable. Returns
+    the case directories."""
+    if not _VERSION.match(str(version)):
+        raise MrcError(f"case version {version!r}: expected 'v' and a number, e.g. {VERSION}")
     target = os.path.join(into, version)
     if os.path.exists(target):
         raise MrcError("exists: released cases are immutable; write a new version or pass --into", file=target)
     if example_dir is None:
         example_dir = EXAMPLE_DIR
     chosen = [s for s in specs(example_dir) if only is None or s["id"] in only]
+    unknown = set(only or ()) - {s["id"] for s in chosen}
+    if unknown:
+        raise MrcError(f"no case {', '.join(sorted(unknown))} in the generator")
     staging = target + ".partial"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         for spec in chosen:
-            write_case(spec, os.path.join(staging, spec["id"]))
+            write_case(spec, os.path.join(staging, spec["id"]), version)
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

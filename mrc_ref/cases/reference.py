@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import allocate, certificates, pipeline, stats, svd, vit
 from ..sequential import make_sequential
-from . import config_from_json, resolve
+from . import config_from_json, normalize, resolve
 from .compare import LOSS_KEYS, compare
 
 __all__ = ["GAP_MIN", "expected_values", "logits_from_tokens", "probes_of", "reproduce"]
@@ -90,7 +90,7 @@ def expected_values(tensors, metadata, raw_stats, config, *, probes=None, tokens
         stage1 = {}
         for r in sorted(set(int(r) for r in probes.get(name, ())) | ({entry["rank"]} - {None})):
             gap = certificates.eigen_gap(s2, r)
-            item = {"nmse": float(curve[r]), "relative_gap": gap}
+            item = {"nmse": float(curve[r]), "eigen_gap": gap}
             if gap >= GAP_MIN:
                 item["product"] = _product(arrays, f"{name}.stage1.{r}", *svd.factors(W, U, r))
             else:
@@ -165,4 +165,4 @@ def reproduce(case):
     raw = {name: layer["stats"] for name, layer in case["layers"].items()}
     doc, arrays = expected_values(case["tensors"], case["metadata"], raw, config_from_json(case["config"]),
                                   probes=probes_of(case["expected"]), tokens=case["tokens"])
-    return compare(resolve(doc, arrays), case["expected"], case)
+    return compare(normalize(resolve(doc, arrays)), case["expected"], case)

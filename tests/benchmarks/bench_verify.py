@@ -10,7 +10,7 @@ of decaying spectra and positive-definite Grams, compressed by mrc_ref
 - ``verify``: :func:`mrc_ref.verify.verify_files` on the compressed file.
 
 Prints one JSON line per figure, with the load average and the BLAS threads.
-Goal (issue 17): verify ≤ 1.5 × stage1.
+Goal: verify ≤ 1.5 × stage1.
 """
 
 import argparse
