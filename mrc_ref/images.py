@@ -166,6 +166,19 @@ def _center_crop_box(width, height, size):
     return left, top, left + size, top + size
 
 
+def _resized(width, height, shorter):
+    """The size ``resize_shorter`` gives, refused over :data:`MAX_PIXELS` (an
+    extreme aspect ratio: the resized image, not the file, is too large)."""
+    if width <= height:
+        new_w, new_h = shorter, int(shorter * height / width)
+    else:
+        new_w, new_h = int(shorter * width / height), shorter
+    if new_w * new_h > MAX_PIXELS:
+        raise MrcError(f"image is {width}×{height}: resizing its shorter side to {shorter} gives {new_w}×{new_h} = "
+                       f"{new_w * new_h / 1e6:.1f} megapixels, over the limit of {MAX_PIXELS / 1e6:g} megapixels")
+    return new_w, new_h
+
+
 def resize_shorter(img, shorter):
     """Resize a Pillow image so that its shorter side is ``shorter`` (bicubic).
 
@@ -191,13 +204,7 @@ def resize_shorter(img, shorter):
     from PIL import Image
 
     width, height = img.size
-    if width <= height:
-        new_w, new_h = shorter, int(shorter * height / width)
-    else:
-        new_w, new_h = int(shorter * width / height), shorter
-    if new_w * new_h > MAX_PIXELS:  # an extreme aspect ratio: the resized image, not the file, is too large
-        raise MrcError(f"image is {width}×{height}: resizing its shorter side to {shorter} gives {new_w}×{new_h} = "
-                       f"{new_w * new_h / 1e6:.1f} megapixels, over the limit of {MAX_PIXELS / 1e6:g} megapixels")
+    new_w, new_h = _resized(width, height, shorter)
     if (new_w, new_h) == (width, height):
         return img
     return img.resize((new_w, new_h), Image.BICUBIC)
@@ -297,7 +304,9 @@ def load_image(path, **transform_kw):
                 if width * height > MAX_PIXELS:
                     raise MrcError(f"image is {width}×{height} = {width * height / 1e6:.1f} megapixels, "
                                    f"over the limit of {MAX_PIXELS / 1e6:g} megapixels")
-                img.load()
+                size = int(transform_kw.get("size", DEFAULT_SIZE))
+                _resized(width, height, int(math.floor(size / transform_kw.get("crop_pct", DEFAULT_CROP_PCT))))
+                img.load()  # decoded only once its resized size is known to fit
                 return eval_transform(img, **transform_kw)
     except MrcError as err:
         raise err.at(file=path) from None

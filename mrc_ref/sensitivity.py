@@ -62,7 +62,7 @@ def check_weights(weights):
         problem = check_weight(value)
         if problem:
             raise MrcError(problem, layer=name)
-    if not math.isfinite(math.fsum(float(w) for w in weights.values())):
+    if not math.isfinite(sum(float(w) for w in weights.values())):  # inf (not an exception) on overflow
         raise MrcError("sensitivity weights sum to more than the largest float64: scale them down (the allocation "
                        "depends only on their ratios)")
 

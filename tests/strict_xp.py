@@ -365,6 +365,10 @@ def _all(a, axis=None, keepdims=False):
     return _wrap(np.all(_strict_only(a), axis=axis, keepdims=keepdims))
 
 
+def _any(a, axis=None, keepdims=False):
+    return _wrap(np.any(_strict_only(a), axis=axis, keepdims=keepdims))
+
+
 def _eigh(a, UPLO="L"):
     w, v = np.linalg.eigh(_strict_only(a), UPLO=UPLO)
     return StrictArray(w), StrictArray(v)
@@ -402,7 +406,7 @@ for _fn in (asarray, empty, zeros, zeros_like, eye, outer, concatenate, cumsum, 
             diagonal, reshape, transpose, swapaxes, broadcast_to, mean, argmax, take_along_axis, where):
     setattr(xp, _fn.__name__, _fn)
 # defined as _abs etc. so that the builtins stay usable in this file
-xp.abs, xp.sum, xp.max, xp.all = _abs, _sum, _max, _all
+xp.abs, xp.sum, xp.max, xp.all, xp.any = _abs, _sum, _max, _all, _any
 xp.linalg = types.SimpleNamespace(eigh=_eigh, eigvalsh=_eigvalsh, svd=_svd, solve=_solve)
 xp.finfo = np.finfo  # CuPy re-exports NumPy's
 xp.float32, xp.float64, xp.int8 = np.float32, np.float64, np.int8  # CuPy's dtypes are NumPy's

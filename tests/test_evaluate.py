@@ -193,16 +193,20 @@ def test_save_logits_never_overwrites_an_input(small_folder, tmp_path, target):
 
 
 def test_non_finite_logits_are_a_one_line_error(small_folder, tmp_path):
-    """A NaN in a tensor that only the forward pass reads (the class token)
-    is blamed on the weights file; no NaN reaches the --json output."""
+    """A NaN in a tensor that only the forward pass reads (the class token) is
+    refused by the reader, naming the tensor; finite values whose forward pass
+    overflows (a head row of 3e38, in float32) give non-finite logits, blamed
+    on the weights file, and no warning. No NaN reaches the --json output."""
     from mrc_ref import formats
 
-    tensors, meta = formats.read_safetensors(example.WEIGHTS)
-    tensors["cls_token"] = tensors["cls_token"].copy()
-    tensors["cls_token"][0, 0, 3] = np.nan
-    bad = tmp_path / "nan.safetensors"
-    formats.write_safetensors(bad, tensors, meta)
-    res = run("mrc_ref.evaluate", bad, small_folder, "--json", "--quiet")
-    assert res.returncode == 2 and res.stdout == ""
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and str(bad) in lines[0] and "NaN or Inf logits" in lines[0]
+    for key, value, message in (("cls_token", np.nan, "cls_token contains NaN or Inf"),
+                                ("head.weight", 3e38, "NaN or Inf logits")):
+        tensors, meta = formats.read_safetensors(example.WEIGHTS)
+        tensors[key] = tensors[key].copy()
+        tensors[key][0] = value
+        bad = tmp_path / "bad.safetensors"
+        formats.write_safetensors(bad, tensors, meta)
+        res = run("mrc_ref.evaluate", bad, small_folder, "--json", "--quiet", "--dtype", "float32")
+        assert res.returncode == 2 and res.stdout == "", res.stderr
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and str(bad) in lines[0] and message in lines[0], lines  # one line: no warning

@@ -346,7 +346,7 @@ def make_bad(case, example, d):
         src.write_text("not a model\n")
         return [src, "-o", out], [str(src), "not a readable safetensors file"]
     if case == "missing-file":
-        return [d / "absent.safetensors", "-o", out], ["absent.safetensors", "cannot read"]
+        return [d / "absent.safetensors", "-o", out], ["absent.safetensors", "no such file"]
     if case == "missing-norm":
         del dense["blocks.1.norm2.weight"]
         _write(src, dense, dmeta)
@@ -377,7 +377,7 @@ def make_bad(case, example, d):
     if case == "int8-without-scale":
         del int8["blocks.0.attn.qkv.lowrank_a.scale"]
         _write(src, int8, imeta)
-        return [src, "-o", out], [str(src), "blocks.0.attn.qkv", "is int8 but has no"]
+        return [src, "-o", out], [str(src), "blocks.0.attn.qkv", "has no blocks.0.attn.qkv.lowrank_a.scale"]
     if case == "int8-in-version-1":
         _write(src, int8, {**imeta, "version": "1"})
         return [src, "-o", out], [str(src), "int8"]

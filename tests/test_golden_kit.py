@@ -306,3 +306,11 @@ def test_a_pseudo_inverse_cut_at_n_eps_is_a_loss_not_round_off(monkeypatch):
     drops directions that carry output energy: it fails even FLOAT32."""
     route = lambda W, C, rank: ds.stage1(W, C, rank, np.float32, C.shape[0] * EPS32)  # noqa: E731
     assert sum(o[3] is not None for o in run_recipe(route, monkeypatch, dict(testing.FLOAT32))) >= 10
+
+
+def test_the_readme_shows_the_tested_recipe():
+    """The README's golden-kit block is the recipe run above, verbatim (so the
+    README's recipe alone catches the wrong variants too)."""
+    readme = open(os.path.join(os.path.dirname(DOCS), "..", "README.md"), encoding="utf-8").read()
+    match = re.search(r"```python\n(from mrc_ref import testing\n.*?)```", readme, re.S)
+    assert match and match.group(1) == recipe()

@@ -38,6 +38,7 @@ COMMANDS = {
     "distributed": ("data_tools.distributed.__main__", "python -m data_tools.distributed"),
     "sensitivity": ("data_tools.sensitivity.__main__", "python -m data_tools.sensitivity"),
     "convert": ("data_tools.convert.__main__", "python -m data_tools.convert"),
+    "export": ("mrc_ref.export.__main__", "python -m mrc_ref.export"),
 }
 #: Commands outside the matrix, and why.
 NOT_IN_MATRIX = {
@@ -78,7 +79,7 @@ def pristine(tmp_path_factory):
         for i in range(2):
             _png(d / "images" / str(c) / f"{i}.png", seed=2 * c + i)
     for k in range(2):
-        capture(weights, str(d / "images"), str(d / f"part{k}.h5"), shard=(k, 2), proxy_images=2, quiet=True)
+        capture(weights, str(d / "images"), str(d / f"part{k}.h5"), shard=(k, 2), proxy_images=4, quiet=True)
     peft = d / "peft"
     peft.mkdir()
     pair = {}
@@ -232,6 +233,10 @@ def _convert(w, **o):
     return [o.get("src", w["weights"]), "-o", o.get("out", w["out"] + "/x.safetensors")]
 
 
+def _export(w, **o):
+    return [o.get("model", w["comp"]), "-o", o.get("out", w["out"] + "/m.onnx")]
+
+
 def _distributed(w, **o):
     return [w["weights"], w["images"], "-o", o["out"], "--dask", "tcp://127.0.0.1:9", "--quiet"]
 
@@ -241,7 +246,7 @@ def weights_cases():
     runs = {"compress": lambda w, p: _compress(w, weights=p), "evaluate": lambda w, p: _evaluate(w, model=p),
             "verify": lambda w, p: _verify(w, weights=p), "report": lambda w, p: _report(w, weights=p),
             "capture": lambda w, p: _capture(w, weights=p), "sensitivity": lambda w, p: _sensitivity(w, weights=p),
-            "convert": lambda w, p: _convert(w, src=p)}
+            "convert": lambda w, p: _convert(w, src=p), "export": lambda w, p: _export(w, model=p)}
     corruptions = {
         "truncated": (cut, "truncated"),
         "wrong dtype": (lambda p: edit_tensors(p, lambda t: t.update(
@@ -259,7 +264,7 @@ def weights_cases():
             if label == "attribute type" and command in ("compress", "verify", "convert"):
                 continue  # they do not read num_heads (compress: no proxy tokens here)
             yield (f"{command}/weights/{label}", command,
-                   lambda w, run=run, corrupt=corrupt, name=("comp" if command == "evaluate" else "weights"):
+                   lambda w, run=run, corrupt=corrupt, name=("comp" if command in ("evaluate", "export") else "weights"):
                    run(w, corrupt(w[name])), fragment)
 
 
@@ -273,7 +278,7 @@ def acts_cases():
                                                                 first_layer(f)["gram"][()].astype(np.int64))),
                         "dtype"),
         "nan": (lambda p: h5_edit(p, nan_gram), "NaN"),
-        "huge shape": (lambda p: h5_edit(p, declare_huge), "gram"),
+        "huge shape": (lambda p: h5_edit(p, declare_huge), "100000"),
         "unknown version": (lambda p: h5_edit(p, lambda f: f.attrs.__setitem__("version", 2)),
                             "unsupported version"),
         "attribute type": (lambda p: h5_edit(p, lambda f: first_layer(f).attrs.__setitem__("rows", "many")),
@@ -295,7 +300,7 @@ def parts_cases():
     corruptions = {
         "shard index not an integer": (attr("shard_index", "one"), "shard_index"),
         "shard index a float": (attr("shard_index", 1.9), "shard_index"),
-        "huge shard count": (attr("shard_count", 10**12), "incomplete"),
+        "huge shard count": (attr("shard_count", 10**12), "shard"),
         "no image at all": (lambda p: h5_edit(p, lambda f: [f.attrs.__setitem__(k, 0) for k in
                                                            ("images_total", "num_images")]), "no image"),
         "other proxy shape": (lambda p: h5_edit(p, lambda f: replace(f["proxy"], "tokens",
@@ -352,7 +357,8 @@ def compressed_cases():
         "int8 without its scale": (drop_scale, "has no", "comp8"),
         "fifo": (fifo, "not a regular file", "comp"),
     }
-    for command, run in {"verify": lambda w, p: _verify(w, comp=p), "evaluate": lambda w, p: _evaluate(w, model=p)}.items():
+    for command, run in {"verify": lambda w, p: _verify(w, comp=p), "evaluate": lambda w, p: _evaluate(w, model=p),
+                         "export": lambda w, p: _export(w, model=p)}.items():
         for label, (corrupt, fragment, name) in corruptions.items():
             if command == "evaluate" and label == "config of the wrong type":
                 fragment = "stored reduction"
@@ -385,7 +391,7 @@ def image_cases():
         from PIL import Image
 
         path = os.path.join(w["images"], "0", "wide.png")
-        Image.new("L", (64_000_000 // 1000, 1)).save(path)  # 64000 × 1: its resize alone would take 3 GB
+        Image.new("L", (64_000_000, 1)).save(path)  # at the pixel limit, but its resize alone would take 62 GB
         return w["images"]
 
     def cut_png(w):
@@ -411,7 +417,8 @@ def output_cases():
                "distributed": (lambda w, o: _distributed(w, out=o), "image"),
                "merge": (lambda w, o: _merge(w, out=o), "part1"),
                "sensitivity": (lambda w, o: _sensitivity(w, out=o), "acts"),
-               "convert": (lambda w, o: _convert(w, out=o), "weights")}
+               "convert": (lambda w, o: _convert(w, out=o), "weights"),
+               "export": (lambda w, o: _export(w, out=o), "comp")}
     for i, (command, (run, target)) in enumerate(outputs.items()):
         for spelling in (spellings[i % 3], spellings[(i + 1) % 3]):
             def build(w, run=run, target=target, spelling=spelling):
@@ -419,8 +426,7 @@ def output_cases():
                 return run(w, same_as(spelling, path, w["out"]))
             yield f"{command}/output/{spelling}", command, build, "overwrite"
     yield ("compress/output/report over the model", "compress",
-           lambda w: _compress(w, extra=["--report", same_as("symlink", w["comp"], w["out"])],
-                               out=w["comp"] + ".new"), None)
+           lambda w: _compress(w, extra=["--report", same_as("symlink", w["weights"], w["out"])]), "overwrite")
     yield ("report/output/inside the images", "report", lambda w: _report(w, out=os.path.join(w["images"], "r")),
            "inside the image folder")
 
@@ -484,6 +490,8 @@ def test_hostile_input(case, w):
     if command == "report":
         pytest.importorskip("matplotlib")
         pytest.importorskip("threadpoolctl")
+    if command == "export":
+        pytest.importorskip("onnx")
     argv = build(w)
     before = _snapshot(w["root"])
     code, err, seen = _run(command, argv)
@@ -544,3 +552,61 @@ def test_no_stderr_line_is_a_python_warning(w, tmp_path):
                               env=env, timeout=300)
         assert done.returncode in (0, 2), (argv, done.stderr)
         assert not [line for line in done.stderr.splitlines() if "Warning" in line], (argv, done.stderr)
+
+
+def test_a_failed_run_leaves_no_output(w):
+    """compress --quantize int8 --report into a directory where nothing can be
+    written (/proc): refused before any work, and the -o file is not left
+    behind (every output's directory is probed first; outputs are written all
+    or none)."""
+    out = os.path.join(w["out"], "c.safetensors")
+    before = _snapshot(w["root"])
+    code, err, _ = _run("compress", [w["weights"], w["acts"], "-o", out, "--quantize", "int8", "--report",
+                                     "/proc/r.json", "--quiet"])
+    assert code == 2 and "cannot write in the output directory" in err and err.count("\n") == 1
+    assert _snapshot(w["root"]) == before and not os.path.exists(out)
+
+
+@pytest.mark.parametrize("command", ["compress", "report", "verify"])
+def test_a_compressed_model_given_as_the_original_is_named(w, command):
+    """WEIGHTS must be the original dense model: a compressed or int8 file is
+    refused naming the file and saying what it is, not 'matches no layer'."""
+    if command == "report":
+        pytest.importorskip("matplotlib")
+    argv = {"compress": _compress(w, weights=w["comp8"]), "report": _report(w, weights=w["comp8"]),
+            "verify": _verify(w, weights=w["comp8"])}[command]
+    code, err, _ = _run(command, argv)
+    assert code == 2 and f"{w['comp8']}: is a compressed model (mrc_ref.compressed version 2)" in err, err
+
+
+def test_the_report_refuses_before_any_work(w, monkeypatch):
+    """A sensitivity file naming a layer the model lacks, or --layers matching
+    nothing, is refused before a single compression runs."""
+    pytest.importorskip("matplotlib")
+    from mrc_ref.report import orchestration
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the report started working on bad input")
+
+    monkeypatch.setattr(orchestration, "audit", no_work)
+    with open(w["sens"]) as fh:
+        doc = json.load(fh)
+    doc["layers"]["blocks.7.mlp.fc1"] = {"weight": 1.0}
+    with open(w["sens"], "w") as fh:
+        json.dump(doc, fh)
+    code, err, _ = _run("report", _report(w, extra=["--sensitivity", w["sens"]]))
+    assert code == 2 and "layer blocks.7.mlp.fc1: named in the sensitivity weights" in err, err
+    code, err, _ = _run("report", _report(w, extra=["--layers", "nothing.*"]))
+    assert code == 2 and "--layers nothing.* matches no 2-D" in err, err
+
+
+@pytest.mark.parametrize("command", ["capture", "evaluate", "sensitivity", "export"])
+def test_num_heads_is_checked_as_an_option(w, command):
+    """--num-heads 0 is a usage error of the option, never blamed on the model."""
+    if command == "export":
+        pytest.importorskip("onnx")
+    argv = {"capture": _capture(w), "evaluate": _evaluate(w), "sensitivity": _sensitivity(w),
+            "export": _export(w)}[command] + ["--num-heads", "0"]
+    code, err, _ = _run(command, argv)
+    assert code == 2 and "argument --num-heads: must be a positive integer, got 0" in err, err
+    assert w["weights"] not in err and w["comp"] not in err

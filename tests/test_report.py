@@ -308,7 +308,7 @@ def test_bad_input_one_line(inputs, tmp_path, capsys, case):
     out = tmp_path / "rep"
     argv = [w, a, i, "-o", str(out), *ARGS]
     expect = {"dir-is-a-file": "output is not a directory", "parent-missing": "parent of the output directory",
-              "inside-images": "inside the image folder", "missing-weights": "does not exist",
+              "inside-images": "inside the image folder", "missing-weights": "no such file",
               "flat-images": "labelled images", "example-with-files": "--example takes no input files",
               "bad-reduction": "must be in (0, 1)", "bad-acts": "", "bad-block": "the model has 2 blocks"}[case]
     if case == "dir-is-a-file":
@@ -352,7 +352,7 @@ def test_bad_input_from_the_shell_no_traceback(tmp_path):
                          capture_output=True, text=True)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [f"python -m mrc_ref.report: error: {tmp_path / 'w.safetensors'}: "
-                                               "input file does not exist"]
+                                               "no such file"]
     assert not (tmp_path / "rep").exists()
 
 

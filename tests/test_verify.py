@@ -207,7 +207,7 @@ def test_bad_inputs_are_one_line_and_leave_the_inputs_unchanged(model, tmp_path,
     assert f"{missing}: layer {fc1}: not found in the compressed file" in bad(capsys, missing, weights, acts)
     line = bad(capsys, shape, weights, acts)
     assert f"{shape}: layer {qkv}: base_model.model.{qkv}.lora_A.weight has shape (4, 7), expected (*, 32)" in line
-    assert f"{nan}: layer {qkv}: " in bad(capsys, nan, weights, acts)
+    assert f"{nan}: layer base_model.model.{qkv}.lora_B: weight contains NaN or Inf" in bad(capsys, nan, weights, acts)
     assert f"{truncated}: not a readable safetensors file" in bad(capsys, truncated, weights, acts)
     line = bad(capsys, good, weights, acts, "--layers", "blocks.*.mlp.*")
     assert f"layer {model['names'][1]}: stored in low-rank form but not selected" in line

@@ -75,7 +75,8 @@ def tensor_logits(tensors, metadata, batches, *, num_heads=None, device="cpu", d
     logits, labels = [], []
     for batch, batch_labels, *_ in batches:
         try:
-            out = vit.forward(params, xp.asarray(batch), num_heads=heads, xp=xp, dtype=get_dtype(dtype))
+            with np.errstate(all="ignore"):  # an overflow is reported below, as non-finite logits, not warned
+                out = vit.forward(params, xp.asarray(batch), num_heads=heads, xp=xp, dtype=get_dtype(dtype))
         except MrcError as err:
             raise err.at(file=source) from None
         logits.append(to_host(out).astype(np.float64))

@@ -440,14 +440,13 @@ def count_initializers(model):
 
 # ----------------------------------------------------------------- files
 def read_model(path):
-    """``(tensors, metadata, kind)`` of a model file: a compressed file (metadata
-    ``format`` ``mrc_ref.compressed``) through :func:`mrc_ref.formats.read_compressed`,
-    which checks its version and int8 layout; any other safetensors file as a
-    dense model. ``kind`` is ``"dense"``, ``"compressed v1"`` or ``"compressed v2"``."""
-    tensors, metadata = formats.read_safetensors(path)
+    """``(tensors, metadata, kind)`` of a model file, read by the one reader of
+    model files (:func:`mrc_ref.formats.read_model`: a compressed file's
+    version and int8 layout checked). ``kind`` is ``"dense"``,
+    ``"compressed v1"`` or ``"compressed v2"``."""
+    tensors, metadata = formats.read_model(path)
     if metadata.get("format") != formats.COMPRESSED_FORMAT:
         return tensors, metadata, "dense"
-    tensors, metadata = formats.read_compressed(path)
     return tensors, metadata, f"compressed v{metadata['version']}"
 
 

@@ -161,11 +161,16 @@ def read_model(path):
     metadata : dict
     """
     tensors, meta = read_safetensors(path)
-    int8 = set(quantize.quantized_keys(tensors))
+    matrices = tuple(f".{s}" for s in quantize.MATRIX_SUFFIXES)
     for key, value in tensors.items():
-        if not (np.issubdtype(value.dtype, np.floating) or key in int8 or np.dtype(value.dtype) == np.int8):
-            raise MrcError(f"tensor {key} has dtype {value.dtype}: a model's parameters are floating point "
-                           "(or int8 with a scale)", file=path)
+        if key.endswith(matrices) and not (np.issubdtype(value.dtype, np.floating)
+                                           or np.dtype(value.dtype) == np.int8):
+            layer, _, what = key.rpartition(".")
+            raise MrcError(f"{what} has dtype {value.dtype}: a layer's matrices are floating point (or int8 with "
+                           "a scale)", file=path, layer=layer)
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            layer, _, what = key.rpartition(".")
+            raise MrcError(f"{what or key} contains NaN or Inf", file=path, layer=layer or None)
     if meta.get("format") == COMPRESSED_FORMAT:
         return tensors, check_compressed(tensors, meta, path)
     try:

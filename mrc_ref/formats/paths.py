@@ -58,8 +58,8 @@ def check_output(path, inputs=(), outputs=()):
     resolve to the same path (any spelling, symbolic links in the file or in
     its directories, files that do not exist yet) or share an inode (hard
     links). The directory must be writable: a file is created in it and
-    removed (whatever the permissions say, e.g. for root or on a read-only
-    mount). Called before any work, and again when writing."""
+    removed, and the directory's times put back (this works whatever the
+    permissions say, e.g. for root, and on a read-only mount). Called before any work, and again when writing."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
@@ -75,9 +75,11 @@ def check_output(path, inputs=(), outputs=()):
         if other is not None and same_file(path, other):
             raise MrcError(f"output would overwrite another output of the same run ({os.fspath(other)})", file=path)
     try:
+        times = os.stat(directory)
         fd, probe = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".probe", dir=directory)
         os.close(fd)
         os.unlink(probe)
+        os.utime(directory, ns=(times.st_atime_ns, times.st_mtime_ns))  # the probe leaves no trace
     except OSError as exc:
         raise MrcError(f"cannot write in the output directory: {exc.strerror or exc}", file=path) from None
 

@@ -449,8 +449,8 @@ def report_files(weights, acts, images, output, *, reductions=REDUCTIONS, at=AT,
         raise ConfigError("blas_threads", f"must be ≥ 1, got {blas_threads}")
     inputs = (weights, acts, sensitivity)
     for path in inputs:
-        if path is not None and not os.path.isfile(path):
-            raise MrcError("input file does not exist", file=path)
+        if path is not None:
+            formats.check_input(path)
     check_output_dir(output, inputs, images)
     tensors, _ = formats.read_original(weights)  # a compressed model, or no layer to select: refused now
     try:
