@@ -89,41 +89,58 @@ def output_spectrum(W, C, vectors=False):
     """Eigenvalues ``σ_1² ≥ … ≥ σ_k² ≥ 0`` of the output Gram ``W C Wᵀ``,
     ``k = min(m, n)``, by SciPy on the smaller side.
 
-    When ``m ≤ n``: ``eigh(W C Wᵀ)`` (m × m). When ``m > n``: ``F = W S`` with
-    ``S = V Λ^{1/2}`` from ``eigh(C)`` (clipped at 0), and ``eigh(Fᵀ F)``
-    (n × n), which has the nonzero eigenvalues of ``F Fᵀ = W C Wᵀ``.
+    When ``m ≤ n``: ``eigh(W C Wᵀ)`` (m × m). When ``m > n``: ``F = W S``
+    with ``S`` a square root of ``C`` (``S Sᵀ = C``: its Cholesky factor when
+    ``C`` is positive definite, else ``V Λ^{1/2}`` from ``eigh(C)``, clipped
+    at 0), and ``eigh(Fᵀ F)`` (n × n), which has the nonzero eigenvalues of
+    ``F Fᵀ = W C Wᵀ``: one n × n eigendecomposition where ``C`` is definite.
 
     Parameters
     ----------
     W : array (m, n)
     C : array (n, n), symmetric positive semi-definite
-    vectors : bool
-        Also return an orthonormal basis ``U (m, k)`` of the output
-        directions, column ``i`` for ``σ_i²`` (only meaningful where
-        ``σ_i² > 0``).
+    vectors : bool or int
+        Also return an orthonormal basis ``U`` of the output directions,
+        column ``i`` for ``σ_i²`` (only meaningful where ``σ_i² > 0``): all
+        ``k`` columns, or the first ``vectors`` when an int.
 
     Returns
     -------
     s2 : ndarray (k,)
-    U : ndarray (m, k), when ``vectors``
+    U : ndarray (m, k or vectors), when ``vectors``
     """
     W, C = matrix(W, "W"), matrix(C, "C")
     m, n = W.shape
     if C.shape != (n, n):
         raise ValueError(f"C has shape {C.shape}, expected {(n, n)} for W of shape {W.shape}")
     C = (C + C.T) / 2
+    keep = min(m, n) if vectors is True else int(vectors)
     if m <= n:
         G = W @ C @ W.T
         s2, V = scipy.linalg.eigh((G + G.T) / 2)
-        s2, U = s2[::-1], V[:, ::-1]
+        s2, U = s2[::-1], V[:, ::-1][:, :keep]
     else:
-        lam, V = scipy.linalg.eigh(C)
-        F = W @ (V * np.sqrt(np.clip(lam, 0, None)))
+        try:
+            F = W @ scipy.linalg.cholesky(C, lower=True)
+        except np.linalg.LinAlgError:  # singular: the eigendecomposition's square root
+            lam, V = scipy.linalg.eigh(C)
+            F = W @ (V * np.sqrt(np.clip(lam, 0, None)))
         s2, V = scipy.linalg.eigh(F.T @ F)
         s2, V = s2[::-1], V[:, ::-1]
-        U = F @ V / np.sqrt(np.where(s2 > 0, s2, 1))
+        U = F @ V[:, :keep] / np.sqrt(np.where(s2[:keep] > 0, s2[:keep], 1)) if keep else None
     s2 = np.clip(s2, 0, None)
-    return (s2, U) if vectors else s2
+    return (s2, U) if vectors is not False else s2
+
+
+def _orth(a):
+    """An orthonormal basis of the column space of ``a`` (m, r): the
+    rank-revealing pivoted QR, columns whose ``|R_ii|`` exceed
+    ``max(m, r) ε |R_11|`` (the rank rule of :func:`scipy.linalg.orth`)."""
+    if not a.shape[1]:
+        return a
+    q, r, _ = scipy.linalg.qr(a, mode="economic", pivoting=True)
+    d = np.abs(np.diag(r))
+    return q[:, : int(np.sum(d > max(a.shape) * np.finfo(np.float64).eps * (d[0] if d.size else 0)))]
 
 
 def nmse_tail(s2):
@@ -249,7 +266,7 @@ def certify_stage1(W, C, A, B, *, residual=None):
     if A.shape[0] != m or B.shape[1] != n:
         raise ValueError(f"A B has shape {(A.shape[0], B.shape[1])}, W has {W.shape}")
     r = A.shape[1]
-    s2, U = output_spectrum(W, C, vectors=True)
+    s2, U = output_spectrum(W, C, vectors=min(r, min(m, n)))
     curve = nmse_tail(s2)
     D = W - A @ B
     R, WC = D @ C, W @ C
@@ -257,11 +274,14 @@ def certify_stage1(W, C, A, B, *, residual=None):
     nmse = max(float(np.sum(R * D)), 0.0) / energy
     optimal = float(curve[min(r, len(s2))])
     scale = float(np.linalg.norm(WC)) or 1.0
-    left = scipy.linalg.orth(A) if r else np.zeros((m, 0))
-    right = scipy.linalg.orth(B.T) if r else np.zeros((n, 0))
+    left, right = _orth(A), _orth(B.T)
     angle = None
     if 0 < r <= len(s2) and s2[r - 1] > 0 and left.shape[1]:
-        angle = float(np.max(scipy.linalg.subspace_angles(left, U[:, :r])))
+        # the largest principal angle: arcsin of the largest singular value of (I − Π_A) U_r, from the
+        # largest eigenvalue of its r × r Gram (relative precision kept: it is the largest)
+        away = U[:, :r] - left @ (left.T @ U[:, :r])
+        top = max(float(scipy.linalg.eigvalsh(away.T @ away, subset_by_index=[r - 1, r - 1])[0]), 0.0)
+        angle = float(np.arcsin(min(top ** 0.5, 1.0))) if left.shape[1] >= r else float(np.pi / 2)
     out = {}
     if residual is not None:
         P, Q = factor_pair(*residual, "P Q")
