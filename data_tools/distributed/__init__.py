@@ -19,6 +19,7 @@ Needs the optional extra: ``pip install -e ".[distributed]"``.
 
 from data_tools import capture, merge
 from mrc_ref.errors import MrcError
+from mrc_ref.formats import write_activations
 from mrc_ref.images import list_images
 
 PROG = "python -m data_tools.distributed"
@@ -114,3 +115,20 @@ def connect(address):
         return Client(address, timeout="20s")
     except (OSError, TimeoutError, ValueError) as exc:
         raise MrcError(f"cannot connect to the Dask scheduler at {address!r}: {exc}") from None
+
+
+def run(weights, images_folder, output, *, address, shards=None, max_images=None,
+        proxy_images=capture.DEFAULT_PROXY_IMAGES, batch_size=capture.DEFAULT_BATCH_SIZE, num_heads=None, device="cpu",
+        dtype="float64", store_dtype="float64"):
+    """The command line's work: refuse a bad output before any work
+    (:func:`data_tools.capture.check_capture_output`), capture on the cluster
+    at ``address`` (:func:`capture_on_cluster`), write ``output`` atomically.
+    Returns the root attributes written."""
+    capture.check_capture_output(output, weights, images_folder)
+    with connect(address) as client:
+        layers, proxy, attrs = capture_on_cluster(client, weights, images_folder, shards=shards,
+                                                  max_images=max_images, proxy_images=proxy_images,
+                                                  batch_size=batch_size, num_heads=num_heads, device=device,
+                                                  dtype=dtype)
+    write_activations(output, capture.store(layers, store_dtype), proxy_tokens=proxy, attrs=attrs, inputs=(weights,))
+    return attrs

@@ -5,11 +5,10 @@ Capture acts.h5 of a timm-layout ViT over an image folder as shards on a Dask cl
 
 import sys
 
-from mrc_ref import cli, formats
+from mrc_ref import cli
 
-from .. import capture
 from ..capture.options import add_capture_arguments
-from . import PROG, capture_on_cluster, connect
+from . import PROG, run
 
 
 def build_parser():
@@ -24,14 +23,9 @@ def build_parser():
 
 def main(argv=None):
     def body(args):
-        capture.check_capture_output(args.output, args.weights, args.images_folder)
-        with connect(args.dask) as client:
-            layers, proxy, attrs = capture_on_cluster(
-                client, args.weights, args.images_folder, shards=args.shards, max_images=args.max_images,
-                proxy_images=args.proxy_images, batch_size=args.batch_size, num_heads=args.num_heads,
-                device=args.device, dtype=args.dtype)
-        formats.write_activations(args.output, capture.store(layers, args.store_dtype), proxy_tokens=proxy,
-                                  attrs=attrs, inputs=(args.weights,))
+        attrs = run(args.weights, args.images_folder, args.output, address=args.dask, shards=args.shards,
+                    max_images=args.max_images, proxy_images=args.proxy_images, batch_size=args.batch_size,
+                    num_heads=args.num_heads, device=args.device, dtype=args.dtype, store_dtype=args.store_dtype)
         if not args.quiet:
             print(f"wrote {args.output} ({attrs['merged_shards']} shards, {attrs['num_images']} images)",
                   file=sys.stderr)
