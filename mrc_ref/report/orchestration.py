@@ -430,11 +430,11 @@ def report_files(weights, acts, images, output, *, reductions=REDUCTIONS, at=AT,
     during the runs (threadpoolctl); ``command`` is recorded in the report.
     Returns ``(written file names, timings)``.
     """
+    _check_extra()
     from threadpoolctl import threadpool_limits
 
     from .figures import figures
 
-    _check_extra()
     reductions = sorted({float(r) for r in [*reductions, at]})
     for r in reductions:
         if not 0 < r < 1:
