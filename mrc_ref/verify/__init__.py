@@ -196,8 +196,8 @@ def read_layer(tensors, lora, name, m, n, path, scaling=1.0, stored=None, half_s
     """One layer of the compressed model, in whichever layout it is stored.
 
     ``scaling`` is the PEFT pairs' ``s`` (a number, or a callable
-    ``scaling(name, rank)``). The rank of a pair may not exceed
-    ``min(m, n)``. ``half_steps`` maps the keys of tensors stored int8 to
+    ``scaling(name, rank)``). The rank of each pair (principal, residual,
+    PEFT) may not exceed ``min(m, n)``. ``half_steps`` maps the keys of tensors stored int8 to
     half their rows' quantization steps (``scale / 2``).
 
     Returns
@@ -232,6 +232,7 @@ def read_layer(tensors, lora, name, m, n, path, scaling=1.0, stored=None, half_s
         if f"{name}.residual_p" in tensors:
             P = get(f"{name}.residual_p", (m, None))
             Q = get(f"{name}.residual_q", (P.shape[1], n))
+            _check_rank(P.shape[1], m, n, "residual_p/residual_q", path, name)
         return {"layout": "factored", "A": A, "B": B, "P": P, "Q": Q, "base": None,
                 "stored": A.size + B.size + P.size + Q.size,
                 "half": [half_steps.get(layout.factor_key(name, s)) for s in layout.FACTOR_SUFFIXES]}
