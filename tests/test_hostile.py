@@ -383,16 +383,17 @@ def stray_scale(dtype):
     return lambda p: edit_tensors(p, add)
 
 
-def residual_above_min(p):
-    """The first factored layer's residual pair made rank 100 > min(m, n) = 64,
-    its metadata updated to match (so only the rank is wrong)."""
+def residual_above_min(p, q=100):
+    """The first factored layer's residual pair made rank ``q`` (100 > min(m, n)
+    = 64; or 60, with r + q above 64), its metadata updated to match (so only
+    the rank is wrong)."""
     tensors, meta = formats.read_safetensors(p)
     name = next(k[: -len(".residual_p")] for k in tensors if k.endswith(".residual_p"))
     m, n = tensors[name + ".lowrank_a"].shape[0], tensors[name + ".lowrank_b"].shape[1]
     rng = np.random.default_rng(0)
-    tensors[name + ".residual_p"] = (1e-3 * rng.standard_normal((m, 100))).astype(np.float32)
-    tensors[name + ".residual_q"] = (1e-3 * rng.standard_normal((100, n))).astype(np.float32)
-    meta["residual_ranks"] = json.dumps(dict(json.loads(meta["residual_ranks"]), **{name: 100}))
+    tensors[name + ".residual_p"] = (1e-3 * rng.standard_normal((m, q))).astype(np.float32)
+    tensors[name + ".residual_q"] = (1e-3 * rng.standard_normal((q, n))).astype(np.float32)
+    meta["residual_ranks"] = json.dumps(dict(json.loads(meta["residual_ranks"]), **{name: q}))
     formats.write_safetensors(p, tensors, meta)
     return p
 
@@ -426,6 +427,10 @@ def compressed_cases():
     yield ("verify/compressed/residual rank above min(m, n)", "verify",
            lambda w: _verify(w, comp=residual_above_min(w["comp"]), extra=["--budget", "10000000"]),
            "residual_p/residual_q has rank 100, more than min(m, n)")
+    for extra in ([], ["--budget", "10000000"]):  # exit 2 as bad input, not 1 as a failed budget certificate
+        yield (f"verify/compressed/rank plus residual above min(m, n){' (budget given)' if extra else ''}", "verify",
+               lambda w, extra=extra: _verify(w, comp=residual_above_min(w["comp"], q=60), extra=extra),
+               "plus residual rank 60")
 
 
 def peft_cases():
