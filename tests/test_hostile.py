@@ -716,6 +716,17 @@ def test_image_folders_count_each_file_once_skip_fifos_and_never_loop(pristine, 
     assert labels.tolist() == [0, 0, 1, 1] and classes == ["0", "1"]
 
 
+def test_a_one_element_array_attribute_is_read_as_its_integer(w):
+    """merge: an integer attribute stored as a one-element array (as some HDF5
+    writers store scalars) is that integer; only larger arrays are refused."""
+    h5_edit(w["part1"], lambda f: (f.attrs.__setitem__("shard_index", np.array([1])),
+                                   first_layer(f).attrs.__setitem__("rows", np.array([first_layer(f).attrs["rows"]]))))
+    code, err, _ = _run("merge", _merge(w))
+    assert code in (0, None), err
+    with h5py.File(w["out"] + "/m.h5", "r") as f:
+        assert int(f.attrs["merged_shards"]) == 2
+
+
 def test_a_file_reached_from_two_classes_is_an_error_naming_both(pristine, tmp_path):
     """A class's images are the regular files reached under its folder: a
     link from class 0 to a file or to the folder of class 1 (or a hard link
