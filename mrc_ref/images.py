@@ -17,7 +17,7 @@ import numpy as np
 from mrc_ref.errors import MrcError
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DEFAULT_SIZE", "DEFAULT_CROP_PCT", "IMAGE_EXTENSIONS",
-           "MAX_PIXELS", "list_images", "iter_batches", "load_image", "eval_transform", "resize_shorter",
+           "MAX_PIXELS", "MAX_IMAGE_BYTES", "transform_bytes", "list_images", "check_image_outputs", "iter_batches", "load_image", "eval_transform", "resize_shorter",
            "model_input_size"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -33,6 +33,17 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 #: Larger images are refused from their header, before they are decoded.
 MAX_PIXELS = 64_000_000
 
+#: The most memory the transform of one image may take, in bytes: the
+#: decoded image as Pillow stores it (1 byte a pixel for greyscale and
+#: palette images, 2 for 16-bit greyscale, 4 for colour, with or without
+#: alpha), any full-size conversion, and the resize's buffers
+#: (:func:`transform_bytes`). A 50-megapixel colour photo (0.2 GB decoded)
+#: passes; images over it are refused from their header, before decoding.
+MAX_IMAGE_BYTES = 220_000_000
+
+#: Bytes a pixel of each Pillow mode takes once decoded (others: 4).
+_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+
 
 def _is_image_name(name):
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
@@ -47,14 +58,16 @@ def _identity(path):
     return st.st_dev, st.st_ino
 
 
-def _images_under(directory, seen_dirs, seen_files):
+def _images_under(directory, seen_dirs):
     """Image files below ``directory`` in torchvision ``ImageFolder`` order
-    (``sorted(os.walk(...))``, then sorted file names).
+    (``sorted(os.walk(...))``, then sorted file names), as ``(path,
+    identity)`` pairs.
 
-    Links are followed, but no directory is entered twice and no file is
-    listed twice (both by device and inode), so a link to ``.`` neither
-    loops nor counts a file again; only regular files are images (a FIFO
-    named ``x.png`` would block a reader forever)."""
+    Links are followed, but no directory is entered twice (by device and
+    inode; ``seen_dirs`` holds those never to enter, updated) and no file is
+    listed twice, so a link to ``.`` neither loops nor counts a file again;
+    only regular files are images (a FIFO named ``x.png`` would block a
+    reader forever)."""
     walked = []
     for root, dirs, files in os.walk(directory, followlinks=True):  # pruned as it goes: never sorted() first
         identity = _identity(root)
@@ -64,13 +77,13 @@ def _images_under(directory, seen_dirs, seen_files):
         seen_dirs.add(identity)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         walked.append((root, files))
-    found = []
+    found, seen_files = [], set()
     for root, files in sorted(walked):
         for f in sorted(files):
             path = os.path.join(root, f)
             if _is_image_name(f) and os.path.isfile(path) and _identity(path) not in seen_files:
                 seen_files.add(_identity(path))
-                found.append(path)
+                found.append((path, _identity(path)))
     return found
 
 
@@ -88,7 +101,11 @@ def list_images(folder):
     Files whose name does not end in one of :data:`IMAGE_EXTENSIONS`
     (case-insensitive), hidden entries (``.name``) and anything but regular
     files are ignored. Links are followed, but each directory and each file
-    is visited once (by device and inode).
+    is visited once per class (by device and inode), and a link back to
+    ``folder`` itself is not entered. A class's images are the regular image
+    files reached under its folder: one file reached from two classes (a
+    symbolic or hard link from one class folder into another) has no single
+    label, and is an error naming both paths.
 
     Parameters
     ----------
@@ -105,7 +122,8 @@ def list_images(folder):
     ------
     MrcError
         The folder is missing, holds no image, mixes loose images with class
-        sub-folders, or a class sub-folder holds no image.
+        sub-folders, a class sub-folder holds no image, or one file is
+        reached from two classes.
     """
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
@@ -127,15 +145,75 @@ def list_images(folder):
             "use one layout or the other",
             file=folder,
         )
-    paths, labels = [], []
-    seen_dirs, seen_files = {_identity(folder)}, set()
+    paths, labels, owner = [], [], {}
     for index, name in enumerate(class_names):
-        found = _images_under(os.path.join(folder, name), seen_dirs, seen_files)
+        found = _images_under(os.path.join(folder, name), {_identity(folder)})
         if not found:
             raise MrcError(f"class folder {name!r} holds no images", file=os.path.join(folder, name))
-        paths.extend(found)
-        labels.extend([index] * len(found))
+        for path, identity in found:
+            if identity in owner:
+                other, first = owner[identity]
+                raise MrcError(f"is the same file as {first}: reached from classes {other!r} and {name!r} "
+                               "(a link between class folders), it has no single label", file=path)
+            owner[identity] = (name, path)
+            paths.append(path)
+            labels.append(index)
     return paths, np.asarray(labels, dtype=np.int64), class_names
+
+
+def check_image_outputs(outputs, inputs, folder, directory=None):
+    """The output check of every command that reads an image folder
+    (``capture``, ``distributed``, ``sensitivity --images``, ``evaluate
+    --save-logits``, ``report``), before any work.
+
+    Each path of ``outputs`` (``None`` skipped) passes
+    :func:`mrc_ref.formats.check_outputs` against ``inputs`` *and every
+    image* of ``folder`` (so a symbolic or hard link to an image is refused),
+    and must not lie inside ``folder`` at all, whatever its name (a file
+    written there would be read as an image, or break the next walk).
+    ``directory``, a pair ``(folder, file names)``, is an output folder
+    checked the same way (:func:`mrc_ref.formats.check_output_dir`).
+
+    Returns
+    -------
+    list of str
+        The image paths (:func:`list_images`).
+    """
+    from mrc_ref import formats
+
+    paths = list_images(folder)[0]
+    everything = (*inputs, *paths)
+    if directory is not None:
+        formats.check_output_dir(directory[0], directory[1], everything, folders=(folder,))
+    formats.check_outputs(outputs, everything, folders=(folder,))
+    return paths
+
+
+def _sixteen_to_l(img):
+    """A 16-bit greyscale (``I;16*``) image scaled to 8 bits, ``round(v / 257)``
+    (computed exactly in integers as ``(2v + 257) // 514``: ``v / 257`` is
+    never a half), a band of rows at a time: no full-size wide copy."""
+    from PIL import Image
+
+    width, height = img.size
+    out = np.empty((height, width), dtype=np.uint8)
+    step = max(1, (1 << 20) // max(width, 1))  # about 1 M pixels a band
+    for top in range(0, height, step):
+        band = np.asarray(img.crop((0, top, width, min(top + step, height)))).astype(np.uint32)
+        out[top : top + band.shape[0]] = (2 * band + 257) // 514
+    return Image.fromarray(out, mode="L")
+
+
+def _to_resizable(img):
+    """``img`` in a mode whose bicubic resize, band by band, is that of its
+    RGB conversion: ``RGB`` and ``L`` as they are (resizing greyscale first,
+    then converting, gives the same pixels with a third of the memory),
+    16-bit greyscale scaled to ``L``, anything else converted to ``RGB``."""
+    if img.mode in ("RGB", "L"):
+        return img
+    if img.mode in _SIXTEEN_BIT_MODES:
+        return _sixteen_to_l(img)
+    return _to_rgb(img)
 
 
 def _to_rgb(img):
@@ -145,18 +223,61 @@ def _to_rgb(img):
     rather than clipped; everything else goes through ``Image.convert``
     (as torchvision's loader does: alpha is dropped, not composited).
     """
-    from PIL import Image
-
     if img.mode == "RGB":
         return img
     if img.mode in _SIXTEEN_BIT_MODES:
-        wide = np.asarray(img).astype(np.float64)
-        img = Image.fromarray(np.rint(wide / 257.0).astype(np.uint8), mode="L")
+        img = _sixteen_to_l(img)
     try:
         return img.convert("RGB")
     except (ValueError, OSError) as exc:
         raise MrcError(f"unsupported image mode {img.mode!r} ({exc})",
                        file=getattr(img, "filename", None) or None) from None
+
+
+def transform_bytes(mode, width, height, size=DEFAULT_SIZE, crop_pct=DEFAULT_CROP_PCT):
+    """An upper bound of the memory :func:`load_image` takes for one image, in bytes.
+
+    ``decoded + converted + resize + crop`` with ``decoded = W H b`` (``b``
+    from the mode: 1 for ``L``/``P``/``1``, 2 for 16-bit, else 4);
+    ``converted`` the full-size copy made before resizing (none for ``RGB``
+    and ``L``; ``W H`` for 16-bit, scaled to ``L``; ``4 W H`` for other
+    modes, converted to ``RGB``; 16-bit also 16 MiB for the bands of rows
+    being scaled); ``resize = (W' H + W' H') c + 8 (W' k_x + H' k_y)`` for a
+    resize to ``W' × H'`` (Pillow's horizontal pass, then the vertical one;
+    ``c`` = 1 in ``L``, 4 in ``RGB``; its float64 bicubic coefficients,
+    ``k = 2 ⌈2 max(old / new, 1)⌉ + 1`` taps an output pixel), plus
+    ``4 W' H'`` when the greyscale result is converted; and ``64 size²`` for
+    the crop and its float32 arrays.
+
+    Parameters
+    ----------
+    mode : str
+        Pillow mode of the file.
+    width, height : int
+    size, crop_pct
+        As in :func:`eval_transform`.
+
+    Returns
+    -------
+    int
+    """
+    width, height = int(width), int(height)
+    pixels = width * height
+    decoded = pixels * _BYTES_PER_PIXEL.get(mode, 4)
+    if mode in ("RGB", "L"):
+        converted, band = 0, (1 if mode == "L" else 4)
+    elif mode in _SIXTEEN_BIT_MODES:
+        converted, band = pixels + 16 * (1 << 20), 1  # the L copy, and the bands of rows being scaled
+    else:
+        converted, band = 4 * pixels, 4
+    new_w, new_h = _resized(width, height, int(math.floor(int(size) / crop_pct)))
+    resize = 0
+    if (new_w, new_h) != (width, height):
+        taps = [2 * math.ceil(2 * max(old / new, 1.0)) + 1 for old, new in ((width, new_w), (height, new_h))]
+        resize = (new_w * height + new_w * new_h) * band + 8 * (new_w * taps[0] + new_h * taps[1])
+    if band == 1:
+        resize += 4 * new_w * new_h
+    return decoded + converted + resize + 64 * int(size) ** 2
 
 
 def _center_crop_box(width, height, size):
@@ -217,7 +338,10 @@ def eval_transform(img, *, size=DEFAULT_SIZE, crop_pct=DEFAULT_CROP_PCT, mean=IM
     ``floor(size / crop_pct)`` with bicubic interpolation; centre-crop
     ``size x size`` (offset ``round((side - size) / 2)``); scale to [0, 1]
     (``/ 255``); normalise per channel ``(x - mean) / std``. Arithmetic is in
-    float32, as in torchvision.
+    float32, as in torchvision. A greyscale image (``L``, or 16-bit scaled to
+    ``L``) is resized and cropped before it is converted to RGB: Pillow
+    resizes each band alike, so the pixels are the same, and the full-size
+    RGB copy is never made.
 
     Parameters
     ----------
@@ -249,9 +373,10 @@ def eval_transform(img, *, size=DEFAULT_SIZE, crop_pct=DEFAULT_CROP_PCT, mean=IM
         raise MrcError(f"crop_pct must be in (0, 1], got {crop_pct}")
     if isinstance(img, np.ndarray):
         img = Image.fromarray(img)
-    img = _to_rgb(img)
+    img = _to_resizable(img)  # greyscale is resized before it becomes RGB: the same pixels, less memory
     img = resize_shorter(img, int(math.floor(size / crop_pct)))
     img = img.crop(_center_crop_box(img.size[0], img.size[1], size))
+    img = _to_rgb(img)
     x = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
     x = x.transpose(2, 0, 1)
     mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
@@ -276,9 +401,10 @@ def load_image(path, **transform_kw):
     ------
     MrcError
         Naming the file: missing, unreadable, not an image, truncated, of
-        an unsupported mode, not a regular file, or over :data:`MAX_PIXELS`
+        an unsupported mode, not a regular file, over :data:`MAX_PIXELS`
         (checked from the header, before decoding, and for the resized image
-        before it is allocated).
+        before it is allocated), or needing more than :data:`MAX_IMAGE_BYTES`
+        (:func:`transform_bytes`, from the header, before decoding).
 
     Notes
     -----
@@ -305,8 +431,14 @@ def load_image(path, **transform_kw):
                     raise MrcError(f"image is {width}×{height} = {width * height / 1e6:.1f} megapixels, "
                                    f"over the limit of {MAX_PIXELS / 1e6:g} megapixels")
                 size = int(transform_kw.get("size", DEFAULT_SIZE))
-                _resized(width, height, int(math.floor(size / transform_kw.get("crop_pct", DEFAULT_CROP_PCT))))
-                img.load()  # decoded only once its resized size is known to fit
+                crop_pct = transform_kw.get("crop_pct", DEFAULT_CROP_PCT)
+                _resized(width, height, int(math.floor(size / crop_pct)))
+                need = transform_bytes(img.mode, width, height, size, crop_pct)
+                if need > MAX_IMAGE_BYTES:
+                    raise MrcError(f"image is {width}×{height} in mode {img.mode}: decoding and resizing it "
+                                   f"would take about {need / 1e6:.0f} MB, over the limit of "
+                                   f"{MAX_IMAGE_BYTES / 1e6:g} MB per image")
+                img.load()  # decoded only once its memory is known to fit
                 return eval_transform(img, **transform_kw)
     except MrcError as err:
         raise err.at(file=path) from None

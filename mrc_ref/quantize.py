@@ -176,13 +176,20 @@ def check_quantized(tensors, xp=np):
     An int8 ``<key>`` must be 2-D with a ``<key>.scale`` beside it (bare codes
     are not weights), the scale a finite, non-negative float vector of one
     entry per row, and a zero scale only on a row of zero codes (a zero
-    scale on non-zero codes would silently zero the row).
+    scale on non-zero codes would silently zero the row). A ``<key>.scale``
+    beside a ``<key>`` that is not int8 is refused too: no reader would use
+    it (a stray scale, or a tensor whose codes were stored in another dtype).
 
     Raises
     ------
     MrcError
         Naming the tensor.
     """
+    for key, scale in tensors.items():
+        base = key[: -len(SCALE_SUFFIX)] if key.endswith(SCALE_SUFFIX) else None
+        if base and base in tensors and np.dtype(tensors[base].dtype) != np.int8:
+            raise MrcError(f"{key} is the scale of {base}, which is not int8 (dtype {tensors[base].dtype}): "
+                           "a scale belongs to int8 codes only")
     for key, q in tensors.items():
         if np.dtype(q.dtype) != np.int8:
             continue

@@ -206,6 +206,50 @@ def test_a_malformed_manifest_is_an_error_naming_the_file(tmp_path, corruption):
         assert isinstance(info.value, UnsupportedVersion) and "schema_version 99" in message
 
 
+def _case_with(tmp_path, name, text):
+    """A copy of tiny-1xn whose ``name`` holds ``text``, its manifest updated
+    to match (so only the content is wrong)."""
+    case = tmp_path / "case"
+    shutil.copytree(cases.case_dir("tiny-1xn"), case)
+    blob = text.encode("utf-8")
+    (case / name).write_bytes(blob)
+    manifest = json.loads((case / cases.MANIFEST).read_text(encoding="utf-8"))
+    manifest["files"][name] = {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}
+    (case / cases.MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
+    return case
+
+
+@pytest.mark.parametrize("text, words", [("[]", "the configuration is not a JSON object"),
+                                         ('{"reduction": "half"}', "reduction must be a number")])
+def test_a_bad_case_config_is_an_error_naming_config_json(tmp_path, text, words):
+    """Audit of issue 16, finding 11: a consistent manifest over a bad
+    config.json: the error names config.json."""
+    case = _case_with(tmp_path, "config.json", text)
+    with pytest.raises(MrcError) as info:
+        testing.load_case(str(case))
+    assert str(info.value).startswith(str(case / "config.json") + ": ") and words in str(info.value), info.value
+
+
+@pytest.mark.parametrize("name", [cases.MANIFEST, "acts.h5"])
+def test_a_fifo_in_a_case_is_named_as_not_a_regular_file(tmp_path, name):
+    """A FIFO manifest is not 'an unknown case version', a FIFO acts.h5 is not
+    'missing': both are named as what they are, and never opened (it would block)."""
+    case = tmp_path / "case"
+    shutil.copytree(cases.case_dir("tiny-1xn"), case)
+    os.remove(case / name)
+    os.mkfifo(case / name)
+    with pytest.raises(MrcError) as info:
+        testing.load_case(str(case))
+    message = str(info.value)
+    assert "not a regular file" in message and name in message and "missing" not in message, message
+
+
+def test_a_directory_without_manifest_is_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MrcError, match="empty: no MANIFEST.json: not a case directory"):
+        testing.load_case(str(tmp_path / "empty"))
+
+
 def test_a_manifest_that_is_not_json_is_an_error_naming_the_file(tmp_path):
     case = tmp_path / "case"
     shutil.copytree(cases.case_dir("tiny-1xn"), case)

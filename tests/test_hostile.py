@@ -90,6 +90,9 @@ def pristine(tmp_path_factory):
     formats.write_safetensors(str(peft / "adapter_model.safetensors"), pair)
     (peft / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
     (d / "out").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (8000, 8000)).save(d / "big.png")  # 64 MP colour: 0.26 GB decoded, over MAX_IMAGE_BYTES
     return d
 
 
@@ -100,7 +103,7 @@ def w(pristine, tmp_path):
     shutil.copytree(pristine, root)
     names = {"weights": "weights.safetensors", "acts": "acts.h5", "comp": "comp.safetensors",
              "comp8": "comp8.safetensors", "sens": "sens.json", "images": "images", "part0": "part0.h5",
-             "part1": "part1.h5", "peft": "peft", "out": "out"}
+             "part1": "part1.h5", "peft": "peft", "out": "out", "big": "big.png"}
     return {k: str(root / v) for k, v in names.items()} | {"root": str(root)}
 
 
@@ -176,6 +179,19 @@ def nan_gram(f):
     replace(g, "gram", a)
 
 
+def asymmetric_gram(f):
+    g = first_layer(f)
+    a = g["gram"][()]
+    a[0, 1] += 1e3 * np.abs(a).max()
+    replace(g, "gram", a)
+
+
+def indefinite_gram(f):
+    g = first_layer(f)
+    a = g["gram"][()]
+    replace(g, "gram", a - 2 * np.abs(np.linalg.eigvalsh(a)).max() * np.eye(len(a)))
+
+
 def declare_huge(f):
     g = first_layer(f)
     del g["gram"]
@@ -238,7 +254,7 @@ def _export(w, **o):
 
 
 def _distributed(w, **o):
-    return [w["weights"], w["images"], "-o", o["out"], "--dask", "tcp://127.0.0.1:9", "--quiet"]
+    return [w["weights"], o.get("images", w["images"]), "-o", o["out"], "--dask", "tcp://127.0.0.1:9", "--quiet"]
 
 
 def weights_cases():
@@ -305,6 +321,15 @@ def parts_cases():
                                                            ("images_total", "num_images")]), "no image"),
         "other proxy shape": (lambda p: h5_edit(p, lambda f: replace(f["proxy"], "tokens",
                                                                      np.zeros((1, 3, 5), np.float32))), "proxy"),
+        **{f"{key} an array": (attr(key, np.array([1, 1])), key)
+           for key in ("shard_index", "shard_count", "images_total", "num_images")},
+        "rows an array": (lambda p: h5_edit(p, lambda f: first_layer(f).attrs.__setitem__("rows", np.array([4, 4]))),
+                          "rows"),
+        "rows zero": (lambda p: h5_edit(p, lambda f: first_layer(f).attrs.__setitem__("rows", 0)), "rows"),
+        "batch size not an integer": (attr("batch_size", "x"), "batch_size"),
+        "hash not a string": (attr("weights_sha256", np.array([1, 2])), "weights_sha256"),
+        "asymmetric gram": (lambda p: h5_edit(p, asymmetric_gram), "not symmetric"),
+        "gram not positive semi-definite": (lambda p: h5_edit(p, indefinite_gram), "semi-definite"),
     }
     for label, (corrupt, fragment) in corruptions.items():
         yield (f"merge/part/{label}", "merge",
@@ -343,6 +368,36 @@ def sensitivity_cases():
                    lambda w, run=run, corrupt=corrupt: run(w, corrupt(w["sens"])), fragment)
 
 
+def ranks_entry(value):
+    def corrupt(p):
+        ranks = json.loads(formats.read_safetensors(p)[1]["ranks"])
+        name = next(n for n, r in ranks.items() if r is not None)
+        return edit_tensors(p, lambda t: None, {"ranks": json.dumps(dict(ranks, **{name: value}))})
+    return corrupt
+
+
+def stray_scale(dtype):
+    def add(t):
+        bias = next(k for k in t if k.endswith(".bias"))
+        t[bias + ".scale"] = np.ones(t[bias].shape, dtype)
+    return lambda p: edit_tensors(p, add)
+
+
+def residual_above_min(p, q=100):
+    """The first factored layer's residual pair made rank ``q`` (100 > min(m, n)
+    = 64; or 60, with r + q above 64), its metadata updated to match (so only
+    the rank is wrong)."""
+    tensors, meta = formats.read_safetensors(p)
+    name = next(k[: -len(".residual_p")] for k in tensors if k.endswith(".residual_p"))
+    m, n = tensors[name + ".lowrank_a"].shape[0], tensors[name + ".lowrank_b"].shape[1]
+    rng = np.random.default_rng(0)
+    tensors[name + ".residual_p"] = (1e-3 * rng.standard_normal((m, q))).astype(np.float32)
+    tensors[name + ".residual_q"] = (1e-3 * rng.standard_normal((q, n))).astype(np.float32)
+    meta["residual_ranks"] = json.dumps(dict(json.loads(meta["residual_ranks"]), **{name: q}))
+    formats.write_safetensors(p, tensors, meta)
+    return p
+
+
 def compressed_cases():
     def meta(**changes):
         return lambda p: edit_tensors(p, lambda t: None, changes)
@@ -356,6 +411,11 @@ def compressed_cases():
         "config of the wrong type": (meta(config=json.dumps({"reduction": "half"})), "stored reduction", "comp"),
         "int8 without its scale": (drop_scale, "has no", "comp8"),
         "fifo": (fifo, "not a regular file", "comp"),
+        "ranks of the wrong type": (ranks_entry("x"), "'ranks' entry must be a non-negative integer", "comp"),
+        "ranks not the stored count": (ranks_entry(1), "stored factors have", "comp"),
+        "unknown format": (meta(format="mrc_ref.compressed2"), "unknown format", "comp"),
+        "stray float scale": (stray_scale(np.float32), "not int8", "comp"),
+        "int8 scale on a float tensor": (stray_scale(np.int8), "not int8", "comp8"),
     }
     for command, run in {"verify": lambda w, p: _verify(w, comp=p), "evaluate": lambda w, p: _evaluate(w, model=p),
                          "export": lambda w, p: _export(w, model=p)}.items():
@@ -364,6 +424,13 @@ def compressed_cases():
                 fragment = "stored reduction"
             yield (f"{command}/compressed/{label}", command,
                    lambda w, run=run, corrupt=corrupt, name=name: run(w, corrupt(w[name])), fragment)
+    yield ("verify/compressed/residual rank above min(m, n)", "verify",
+           lambda w: _verify(w, comp=residual_above_min(w["comp"]), extra=["--budget", "10000000"]),
+           "residual_p/residual_q has rank 100, more than min(m, n)")
+    for extra in ([], ["--budget", "10000000"]):  # exit 2 as bad input, not 1 as a failed budget certificate
+        yield (f"verify/compressed/rank plus residual above min(m, n){' (budget given)' if extra else ''}", "verify",
+               lambda w, extra=extra: _verify(w, comp=residual_above_min(w["comp"], q=60), extra=extra),
+               "plus residual rank 60")
 
 
 def peft_cases():
@@ -386,6 +453,60 @@ def peft_cases():
                fragment)
 
 
+def reference_cases():
+    """evaluate --reference: a model file, read by the one model reader, with
+    the corruptions of the weights (the reference is a copy of WEIGHTS)."""
+    corruptions = {
+        "truncated": (cut, "truncated"),
+        "wrong dtype": (lambda p: edit_tensors(p, lambda t: t.update(
+            {first_weight(t): t[first_weight(t)].astype(np.int32)})), "dtype"),
+        "nan": (lambda p: edit_tensors(p, lambda t: t[first_weight(t)].__setitem__((0, 0), np.nan)), "NaN"),
+        "huge shape": (huge_header, "data_offsets"),
+        "unknown version": (lambda p: edit_tensors(p, lambda t: None, {"format": "mrc_ref.compressed",
+                                                                       "version": "7"}), "unsupported version"),
+        "attribute type": (lambda p: edit_tensors(p, lambda t: None, {"num_heads": "four"}), "num_heads"),
+        "fifo": (fifo, "not a regular file"),
+        "loop": (loop, "cannot read"),
+    }
+
+    def reference(w):
+        path = os.path.join(w["root"], "ref.safetensors")
+        shutil.copy(w["weights"], path)
+        return path
+
+    for label, (corrupt, fragment) in corruptions.items():
+        yield (f"evaluate/reference/{label}", "evaluate",
+               lambda w, corrupt=corrupt: _evaluate(w, extra=["--reference", corrupt(reference(w))]),
+               fragment)
+
+
+def config_cases():
+    """convert's config.json (read when --num-heads is not given): blamed on config.json."""
+    def config(text):
+        def corrupt(w):
+            path = os.path.join(w["root"], "config.json")
+            if text is None:
+                os.mkfifo(path)
+            else:
+                with open(path, "w") as fh:
+                    fh.write(text)
+            return w["weights"]
+        return corrupt
+
+    corruptions = {
+        "truncated": (config('{"num_attention_heads": '), "not a valid JSON"),
+        "attribute type": (config('{"num_attention_heads": true}'), "num_attention_heads must be a positive integer"),
+        "zero heads": (config('{"num_attention_heads": 0}'), "num_attention_heads must be a positive integer"),
+        "heads not dividing the width": (config('{"num_attention_heads": 3}'),
+                                         "num_attention_heads = 3 does not divide the model width"),
+        "not an object": (config("[2]"), "is not a JSON object"),
+        "fifo": (config(None), "cannot read: not a regular file"),
+    }
+    for label, (corrupt, fragment) in corruptions.items():
+        yield (f"convert/config/{label}", "convert", lambda w, corrupt=corrupt: _convert(w, src=corrupt(w)),
+               "config.json: " + fragment)
+
+
 def image_cases():
     def huge_png(w):
         from PIL import Image
@@ -398,12 +519,45 @@ def image_cases():
         cut(os.path.join(w["images"], "1", "0.png"))
         return w["images"]
 
-    for label, (corrupt, fragment) in {"truncated": (cut_png, "cannot read image"),
-                                       "huge after resizing": (huge_png, "megapixels")}.items():
-        for command, run in {"evaluate": lambda w, p: _evaluate(w, images=p),
-                             "capture": lambda w, p: _capture(w, images=p),
-                             "report": lambda w, p: _report(w, images=p),
-                             "sensitivity": lambda w, p: _sensitivity(w, images=p)}.items():
+    def huge_decoded(w):
+        shutil.copy(w["big"], os.path.join(w["images"], "1", "big.png"))
+        return w["images"]
+
+    def folder_replaced(make):
+        def corrupt(w):
+            shutil.rmtree(w["images"])
+            make(w["images"])
+            return w["images"]
+        return corrupt
+
+    def link_into_other_class(target):
+        def corrupt(w):
+            os.symlink(target, os.path.join(w["images"], "0", "other" + os.path.splitext(target)[1]))
+            return w["images"]
+        return corrupt
+
+    def hard_link_across_classes(w):
+        os.link(os.path.join(w["images"], "1", "0.png"), os.path.join(w["images"], "0", "same.png"))
+        return w["images"]
+
+    corruptions = {
+        "truncated": (cut_png, "cannot read image", False),
+        "huge after resizing": (huge_png, "megapixels", False),
+        "huge decoded": (huge_decoded, "MB per image", False),
+        "fifo": (folder_replaced(os.mkfifo), "not a folder", True),
+        "loop": (folder_replaced(lambda p: os.symlink(os.path.basename(p), p)), "not a folder", True),
+        "link to a file of another class": (link_into_other_class("../1/0.png"), "reached from classes '0' and '1'",
+                                            True),
+        "link to another class folder": (link_into_other_class("../1"), "reached from classes '0' and '1'", True),
+        "hard link across classes": (hard_link_across_classes, "reached from classes '0' and '1'", True),
+    }
+    commands = {"evaluate": lambda w, p: _evaluate(w, images=p), "capture": lambda w, p: _capture(w, images=p),
+                "report": lambda w, p: _report(w, images=p), "sensitivity": lambda w, p: _sensitivity(w, images=p),
+                "distributed": lambda w, p: _distributed(w, images=p, out=w["out"] + "/d.h5")}
+    for label, (corrupt, fragment, walk) in corruptions.items():
+        for command, run in commands.items():
+            if command == "distributed" and not walk:
+                continue  # decoding runs on the cluster's workers (tests/test_distributed.py)
             yield (f"{command}/images/{label}", command, lambda w, run=run, corrupt=corrupt: run(w, corrupt(w)),
                    fragment)
 
@@ -429,10 +583,38 @@ def output_cases():
            lambda w: _compress(w, extra=["--report", same_as("symlink", w["weights"], w["out"])]), "overwrite")
     yield ("report/output/inside the images", "report", lambda w: _report(w, out=os.path.join(w["images"], "r")),
            "inside the image folder")
+    yield ("report/output/unwritable", "report", lambda w: _report(w, out="/proc/mrc-report"),
+           "cannot create the output directory")
+    yield ("report/output/missing parent", "report", lambda w: _report(w, out=w["out"] + "/no/rep"),
+           "parent of the output directory does not exist")
+    yield ("report/output/file over an image", "report",
+           lambda w: _report(w, out=_report_dir_with_link(w)), "overwrite")
+    writers = {"capture": lambda w, o: _capture(w, out=o), "distributed": lambda w, o: _distributed(w, out=o),
+               "evaluate": lambda w, o: _evaluate(w, extra=["--save-logits", o]),
+               "sensitivity": lambda w, o: _sensitivity(w, out=o)}
+    for command, run in writers.items():  # the one output check of every writer that reads images
+        yield (f"{command}/output/new file named like an image", command,
+               lambda w, run=run: run(w, os.path.join(w["images"], "1", "new.png")), "inside the image folder")
+        yield (f"{command}/output/new file in the images", command,
+               lambda w, run=run: run(w, os.path.join(w["images"], "out.bin")), "inside the image folder")
+        yield (f"{command}/output/an image", command,
+               lambda w, run=run: run(w, os.path.join(w["images"], "0", "0.png")), "overwrite")
+        for spelling in ("symlink", "hardlink"):
+            yield (f"{command}/output/{spelling} to an image", command,
+                   lambda w, run=run, spelling=spelling: run(w, same_as(spelling, os.path.join(w["images"], "0", "1.png"),
+                                                                          w["out"])), "image")
+
+
+def _report_dir_with_link(w):
+    """An existing report folder whose report.md is a hard link to an image."""
+    directory = os.path.join(w["out"], "rep")
+    os.mkdir(directory)
+    os.link(os.path.join(w["images"], "0", "0.png"), os.path.join(directory, "report.md"))
+    return directory
 
 
 CASES = [*weights_cases(), *acts_cases(), *parts_cases(), *sensitivity_cases(), *compressed_cases(), *peft_cases(),
-         *image_cases(), *output_cases()]
+         *reference_cases(), *config_cases(), *image_cases(), *output_cases()]
 
 
 def _snapshot(root):
@@ -534,6 +716,151 @@ def test_image_folders_count_each_file_once_skip_fifos_and_never_loop(pristine, 
     assert labels.tolist() == [0, 0, 1, 1] and classes == ["0", "1"]
 
 
+def test_a_one_element_array_attribute_is_read_as_its_integer(w):
+    """merge: an integer attribute stored as a one-element array (as some HDF5
+    writers store scalars) is that integer; only larger arrays are refused."""
+    h5_edit(w["part1"], lambda f: (f.attrs.__setitem__("shard_index", np.array([1])),
+                                   first_layer(f).attrs.__setitem__("rows", np.array([first_layer(f).attrs["rows"]]))))
+    code, err, _ = _run("merge", _merge(w))
+    assert code in (0, None), err
+    with h5py.File(w["out"] + "/m.h5", "r") as f:
+        assert int(f.attrs["merged_shards"]) == 2
+
+
+def test_a_file_reached_from_two_classes_is_an_error_naming_both(pristine, tmp_path):
+    """A class's images are the regular files reached under its folder: a
+    link from class 0 to a file or to the folder of class 1 (or a hard link
+    between them) is an error naming both paths, not a label chosen by walk
+    order, and never makes class 1 look empty (audit of issue 16, finding 5)."""
+    from mrc_ref.errors import MrcError
+    from mrc_ref.images import list_images
+
+    for make in (lambda f: os.symlink("../1/0.png", f / "0" / "a.png"),
+                 lambda f: os.symlink("../1", f / "0" / "other"),
+                 lambda f: os.link(f / "1" / "0.png", f / "0" / "hard.png")):
+        folder = tmp_path / f"imgs{len(os.listdir(tmp_path))}"
+        shutil.copytree(pristine / "images", folder)
+        make(folder)
+        with pytest.raises(MrcError) as info:
+            list_images(folder)
+        message = str(info.value)
+        assert "reached from classes '0' and '1'" in message and str(folder / "1" / "0.png") in message, message
+        assert str(folder / "0") in message and "holds no images" not in message, message
+    folder = tmp_path / "fine"
+    shutil.copytree(pristine / "images", folder)
+    os.symlink("..", folder / "0" / "root")  # a link back to the image folder is not entered
+    os.symlink("../0/1.png", folder / "0" / "again.png")  # the same file twice in one class: counted once
+    paths, labels, _ = list_images(folder)
+    assert [os.path.relpath(p, folder) for p in paths] == ["0/0.png", "0/1.png", "1/0.png", "1/1.png"]
+    assert labels.tolist() == [0, 0, 1, 1]
+
+
+def test_every_image_command_walks_links_and_fifos_safely(w):
+    """Through the commands (not only list_images): two links to '.' and a
+    FIFO named like an image in each class: each runs to the end on the four
+    images, at once (the FIFO is never opened)."""
+    import importlib
+
+    for c in ("0", "1"):
+        os.symlink(".", os.path.join(w["images"], c, "again"))
+        os.symlink(".", os.path.join(w["images"], c, "and_again"))
+        os.mkfifo(os.path.join(w["images"], c, "zz.png"))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        code = importlib.import_module("mrc_ref.evaluate.__main__").main([w["comp"], w["images"], "--quiet",
+                                                                          "--json"])
+    assert code in (0, None) and json.loads(out.getvalue())["images"] == 4
+    code, err, _ = _run("capture", _capture(w))
+    assert code in (0, None), err
+    with h5py.File(w["out"] + "/a.h5", "r") as f:
+        assert int(f.attrs["images_total"]) == 4
+    code, err, _ = _run("sensitivity", _sensitivity(w))
+    assert code in (0, None), err
+
+
+def test_one_image_stays_under_the_memory_bound(tmp_path):
+    """Audit of issue 16, finding 8: a 1,000,000 × 64 greyscale PNG (64 MP,
+    accepted) took 0.43 GB in the transform (a full-size RGB copy, then the
+    resize); the bound is images.MAX_IMAGE_BYTES. Measured as the growth of
+    the peak resident size (VmHWM) of a fresh interpreter while it reads the
+    image, which must stay under the bound and under transform_bytes' estimate."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from mrc_ref import images
+
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs /proc/self/status")
+    path = tmp_path / "wide.png"
+    Image.new("L", (1_000_000, 64)).save(path)
+    child = ("import sys\n"
+             "def hwm():\n"
+             "    return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024\n"
+             "from mrc_ref.images import load_image\n"
+             "before = hwm()\n"
+             "load_image(sys.argv[1], size=16)\n"
+             "print(hwm() - before)\n")
+    done = subprocess.run([sys.executable, "-c", child, str(path)], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OPENBLAS_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr
+    grown = int(done.stdout)
+    estimate = images.transform_bytes("L", 1_000_000, 64, size=16)
+    assert grown <= estimate <= images.MAX_IMAGE_BYTES, (grown, estimate)
+
+
+def test_an_image_over_the_memory_bound_is_refused_from_its_header(w):
+    """A 64-megapixel colour image would take 0.26 GB decoded: refused before
+    it is decoded, naming the file, with the memory it would need."""
+    from mrc_ref.errors import MrcError
+    from mrc_ref.images import load_image
+
+    with pytest.raises(MrcError, match=r"big.png: image is 8000×8000 in mode RGB: decoding and resizing it would "
+                                       r"take about \d+ MB, over the limit of 220 MB per image"):
+        load_image(w["big"], size=224)
+
+
+@pytest.mark.parametrize("mode", ["L", "I;16"])
+def test_greyscale_is_resized_before_it_becomes_rgb_with_the_same_pixels(mode):
+    """The bounded route (greyscale resized and cropped, then made RGB; 16-bit
+    scaled in integers by bands) gives exactly the pixels of the old route
+    (RGB at full size first; 16-bit through float64 rint), the oracle written here."""
+    import math
+
+    from PIL import Image
+
+    from mrc_ref import images
+
+    def old_route(img, size, crop_pct=images.DEFAULT_CROP_PCT):
+        if img.mode == "I;16":
+            img = Image.fromarray(np.rint(np.asarray(img).astype(np.float64) / 257.0).astype(np.uint8), mode="L")
+        img = img.convert("RGB")
+        shorter = int(math.floor(size / crop_pct))
+        width, height = img.size
+        new = (shorter, int(shorter * height / width)) if width <= height else (int(shorter * width / height), shorter)
+        if new != img.size:
+            img = img.resize(new, Image.BICUBIC)
+        img = img.crop(images._center_crop_box(img.size[0], img.size[1], size))
+        x = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
+        mean = np.asarray(images.IMAGENET_MEAN, np.float32).reshape(3, 1, 1)
+        std = np.asarray(images.IMAGENET_STD, np.float32).reshape(3, 1, 1)
+        return (x.transpose(2, 0, 1) - mean) / std
+
+    rng = np.random.default_rng(0)
+    for width, height in ((300, 200), (17, 40), (1000, 31), (256, 256), (5, 900), (333, 777)):
+        for size in (16, 32, 224):
+            if mode == "L":
+                img = Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint8))
+            else:
+                codes = rng.integers(0, 65536, (height, width), dtype=np.uint16)
+                img = Image.frombytes("I;16", (width, height), codes.astype("<u2").tobytes())
+            assert img.mode == mode
+            np.testing.assert_array_equal(images.eval_transform(img, size=size), old_route(img, size))
+    codes = np.arange(65536, dtype=np.uint32)  # every 16-bit value: the integer rounding is rint(v / 257)
+    np.testing.assert_array_equal((2 * codes + 257) // 514, np.rint(codes / 257.0))
+
+
 def test_no_stderr_line_is_a_python_warning(w, tmp_path):
     """In a fresh interpreter that shows every warning, the commands' error
     and success paths print no warning: a user error is one line."""
@@ -598,15 +925,30 @@ def test_the_report_refuses_before_any_work(w, monkeypatch):
     assert code == 2 and "layer blocks.7.mlp.fc1: named in the sensitivity weights" in err, err
     code, err, _ = _run("report", _report(w, extra=["--layers", "nothing.*"]))
     assert code == 2 and "--layers nothing.* matches no 2-D" in err, err
+    code, err, _ = _run("report", _report(w, out="/proc/mrc-report"))  # an output folder that cannot be made
+    assert code == 2 and "/proc/mrc-report: cannot create the output directory" in err, err
 
 
-@pytest.mark.parametrize("command", ["capture", "evaluate", "sensitivity", "export"])
+def test_the_output_folder_probe_leaves_no_trace(tmp_path):
+    """formats.check_output_dir creates and removes a folder beside the output
+    folder: the parent's listing and modification time are as before."""
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    (parent / "keep").write_text("x")
+    os.utime(parent, ns=(1_000_000_000, 2_000_000_000))
+    before = (sorted(os.listdir(parent)), os.stat(parent).st_mtime_ns)
+    formats.check_output_dir(str(parent / "rep"), ("report.md",))
+    assert (sorted(os.listdir(parent)), os.stat(parent).st_mtime_ns) == before
+
+
+@pytest.mark.parametrize("command", ["capture", "evaluate", "sensitivity", "export", "distributed", "convert"])
 def test_num_heads_is_checked_as_an_option(w, command):
     """--num-heads 0 is a usage error of the option, never blamed on the model."""
     if command == "export":
         pytest.importorskip("onnx")
     argv = {"capture": _capture(w), "evaluate": _evaluate(w), "sensitivity": _sensitivity(w),
-            "export": _export(w)}[command] + ["--num-heads", "0"]
+            "export": _export(w), "distributed": _distributed(w, out=w["out"] + "/d.h5"),
+            "convert": _convert(w)}[command] + ["--num-heads", "0"]
     code, err, _ = _run(command, argv)
     assert code == 2 and "argument --num-heads: must be a positive integer, got 0" in err, err
     assert w["weights"] not in err and w["comp"] not in err

@@ -33,9 +33,9 @@ import numpy as np
 from mrc_ref import vit
 from mrc_ref.backend import get_xp, to_device, to_host
 from mrc_ref.errors import MrcError
-from mrc_ref.formats import check_output, read_model, write_activations
-from mrc_ref.images import (DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, list_images, load_image,
-                            model_input_size)
+from mrc_ref.formats import read_model, write_activations
+from mrc_ref.images import (DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, check_image_outputs, list_images,
+                            load_image, model_input_size)
 from mrc_ref.progress import counter
 
 DEFAULT_PROXY_IMAGES = 32
@@ -328,11 +328,10 @@ def store(layers, store_dtype):
 
 def check_capture_output(output, weights, images_folder):
     """Refuse, before any work, an ``acts.h5`` output that is the weights or
-    any image of the folder (by any path); the check of every writer of a
-    capture (``capture``, ``distributed``). Returns the folder's image paths."""
-    paths = list_images(images_folder)[0]
-    check_output(output, (weights, *paths))
-    return paths
+    any image of the folder (by any path), or lies inside the image folder:
+    :func:`mrc_ref.images.check_image_outputs`, the check of every writer
+    that reads images. Returns the folder's image paths."""
+    return check_image_outputs((output,), (weights,), images_folder)
 
 
 def run(weights, images_folder, output, *, max_images=None, shard=(0, 1), proxy_images=DEFAULT_PROXY_IMAGES,

@@ -19,15 +19,14 @@ The output holds float32 tensors (float64 kept as stored) and the metadata
 ``D // 64``) and ``source`` (the original format).
 """
 
-import json
 import os
 import re
 
 import numpy as np
 
 from mrc_ref import vit
-from mrc_ref.errors import MrcError
-from mrc_ref.formats import check_input, read_model, write_safetensors
+from mrc_ref.errors import ConfigError, MrcError, describe
+from mrc_ref.formats import check_input, read_json, read_model, write_safetensors
 from mrc_ref.layout import FACTOR_SUFFIXES
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -175,7 +174,7 @@ def _check_canonical(tensors):
             raise MrcError(f"shape {tuple(tensors[key].shape)} does not match width {d}", layer=key)
 
 
-def convert_state_dict(state, num_heads=None):
+def convert_state_dict(state, num_heads=None, metadata=None):
     """Convert a timm or transformers ViT/DeiT state dict to the timm layout.
 
     Parameters
@@ -183,8 +182,10 @@ def convert_state_dict(state, num_heads=None):
     state : mapping of str -> array-like
         Host arrays (NumPy, or anything ``numpy.asarray`` accepts).
     num_heads : int, optional
-        Recorded in the metadata; default ``D // 64`` (see
-        :func:`mrc_ref.vit.resolve_num_heads`).
+        Recorded in the metadata; default ``metadata["num_heads"]``, else
+        ``D // 64`` (see :func:`mrc_ref.vit.resolve_num_heads`).
+    metadata : mapping of str -> str, optional
+        The input's metadata.
 
     Returns
     -------
@@ -204,7 +205,7 @@ def convert_state_dict(state, num_heads=None):
     layout = detect_layout(state)
     tensors = dict(state) if layout == "timm" else _from_transformers(state)
     _check_canonical(tensors)
-    heads = vit.resolve_num_heads(tensors, num_heads)
+    heads = vit.resolve_num_heads(tensors, num_heads, metadata)
     return tensors, {"num_heads": str(heads), "source": layout}
 
 
@@ -276,34 +277,65 @@ def load_checkpoint(path):
     return _torch_to_numpy(_unwrap(obj, path), path), {}, "pytorch"
 
 
-def config_num_heads(path):
-    """``num_attention_heads`` (or ``num_heads``) of a ``config.json`` beside
-    ``path``, or None when there is none."""
+#: The keys of a ``config.json`` that give the head count, in order of preference.
+CONFIG_HEADS_KEYS = ("num_attention_heads", "num_heads")
+
+
+def read_config(path):
+    """The one validating reader of the ``config.json`` beside checkpoint
+    ``path`` (a transformers or timm model configuration).
+
+    Only the head count is read: ``num_attention_heads`` (else
+    ``num_heads``) must be a positive integer (never a boolean, a float or a
+    string). The file must be a regular file (a FIFO, a directory or a link
+    loop is refused: :func:`mrc_ref.formats.check_input`), strict JSON
+    (:func:`mrc_ref.formats.read_json`) and a JSON object.
+
+    Returns
+    -------
+    config : str
+        The path of ``config.json`` (whether it exists or not).
+    key : str or None
+        The key the head count came from, None when the file or the key is absent.
+    heads : int or None
+
+    Raises
+    ------
+    MrcError
+        Naming ``config.json``.
+    """
     config = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
-    if not os.path.isfile(config):
-        return None
-    try:
-        with open(config, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise MrcError(f"cannot read config.json ({exc})", file=config) from None
+    if not os.path.lexists(config):
+        return config, None, None
+    data = read_json(config, "model configuration")
     if not isinstance(data, dict):
-        return None
-    for key in ("num_attention_heads", "num_heads"):
-        if isinstance(data.get(key), int):
-            return data[key]
-    return None
+        raise MrcError(f"is not a JSON object (got {describe(data)})", file=config)
+    for key in CONFIG_HEADS_KEYS:
+        if key in data:
+            value = data[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise MrcError(f"{key} must be a positive integer, got {describe(value)}", file=config)
+            return config, key, value
+    return config, None, None
+
+
+def config_num_heads(path):
+    """The head count of the ``config.json`` beside ``path`` (:func:`read_config`), or None."""
+    return read_config(path)[2]
 
 
 def convert_file(src, dst, num_heads=None):
     """Convert checkpoint ``src`` and write ``dst`` atomically; returns the metadata."""
     state, in_meta, container = load_checkpoint(src)
-    if num_heads is None:
-        num_heads = config_num_heads(src)
-    if num_heads is None and in_meta.get("num_heads"):
-        num_heads = in_meta["num_heads"]
+    config, key = None, None
+    if num_heads is None:  # config.json is read only when --num-heads is not given
+        config, key, num_heads = read_config(src)
     try:
-        tensors, metadata = convert_state_dict(state, num_heads=num_heads)
+        tensors, metadata = convert_state_dict(state, num_heads=num_heads, metadata=in_meta)
+    except ConfigError as err:
+        if key is not None and err.field == "num_heads":  # the head count of config.json: blame it
+            raise MrcError(f"{key} {err.problem}", file=config) from None
+        raise err.at(file=src) from None
     except MrcError as err:
         raise err.at(file=src) from None
     metadata["source"] = f"{metadata['source']}-{container}"

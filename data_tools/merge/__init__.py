@@ -26,6 +26,7 @@ import functools
 import h5py
 import numpy as np
 
+from mrc_ref import stats
 from mrc_ref.errors import MrcError, describe
 from mrc_ref.formats import check_output, open_activations, read_layer_stats, read_proxy_tokens, write_activations
 
@@ -47,23 +48,47 @@ REQUIRED = ("shard_index", "shard_count", "num_images") + tuple(k for k in MATCH
 
 
 def _plain(value):
-    """An HDF5 attribute value as a plain Python value (str, int, float)."""
+    """An HDF5 attribute value as a plain Python value (str, int, float); a
+    size-1 array is its one element, a larger array stays an array (for
+    :func:`_count` to refuse)."""
+    if isinstance(value, np.ndarray):
+        if value.size != 1:
+            return value
+        value = value.reshape(()).item()
     if isinstance(value, bytes):
-        return value.decode()
+        return value.decode("utf-8", errors="replace")
     return getattr(value, "item", lambda: value)()
 
 
-#: Attributes that are counts: integers (never booleans, floats or strings).
+#: Attributes that are counts: integers (never booleans, floats, strings or
+#: arrays of more than one element).
 COUNTS = ("shard_index", "shard_count", "num_images", "images_total", "num_heads", "proxy_images")
+#: Attributes that are strings.
+TEXTS = ("weights_sha256", "preprocess", "image_list_sha256")
+#: Provenance attributes that are positive counts when present.
+OPTIONAL_COUNTS = ("batch_size",)
+
+
+def _integer(value, what, source, layer=None):
+    """``value`` (an attribute read from ``source``) as a non-negative int,
+    or :class:`MrcError` naming the file, the layer and the attribute."""
+    value = _plain(value)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise MrcError(f"attribute {what!r} must be an integer, got {describe(value)}", file=source, layer=layer)
+    if value < 0:
+        raise MrcError(f"attribute {what!r} must be ≥ 0, got {value}", file=source, layer=layer)
+    return int(value)
+
+
+def _text(value, what, source):
+    value = _plain(value)
+    if not isinstance(value, str):
+        raise MrcError(f"attribute {what!r} must be a string, got {describe(value)}", file=source)
+    return value
 
 
 def _count(values, key, source):
-    value = values[key]
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise MrcError(f"attribute {key!r} must be an integer, got {describe(value)}", file=source)
-    if value < 0:
-        raise MrcError(f"attribute {key!r} must be ≥ 0, got {value}", file=source)
-    return int(value)
+    return _integer(values[key], key, source)
 
 
 def _shard_size(index, count, total):
@@ -115,11 +140,18 @@ def make_part(layers, proxy, attrs, source, layout=None, proxy_needed=True):
     values = {key: _plain(attrs[key]) for key in REQUIRED}
     for key in COUNTS:
         values[key] = _count(values, key, source)
+    for key in TEXTS:
+        values[key] = _text(values[key], key, source)
+    for key in OPTIONAL_COUNTS:
+        if key in attrs and _integer(attrs[key], key, source) < 1:
+            raise MrcError(f"attribute {key!r} must be ≥ 1, got 0", file=source)
     index, count, total, images = (values[k] for k in ("shard_index", "shard_count", "images_total", "num_images"))
     if not (count >= 1 and 0 <= index < count):
         raise MrcError(f"bad shard {index}/{count}", file=source)
     if total < 1:
         raise MrcError("the capture holds no image (images_total is 0)", file=source)
+    if images < 1:
+        raise MrcError(f"the part holds no image (num_images is 0; shard {index}/{count})", file=source)
     if images != _shard_size(index, count, total):
         raise MrcError(f"holds {images} images, but shard {index}/{count} of {total} images holds "
                        f"{_shard_size(index, count, total)}", file=source)
@@ -137,12 +169,11 @@ def make_part(layers, proxy, attrs, source, layout=None, proxy_needed=True):
             raise MrcError(f"statistics of inconsistent shapes: gram {gram.shape}, sum {total_sum.shape}, "
                            f"gram_normalized {None if normalized is None else np.shape(normalized)}",
                            file=source, layer=name)
-        rows = st["rows"]
-        if isinstance(rows, (bool, np.bool_)) or not isinstance(rows, (int, np.integer)) or rows < 0:
-            raise MrcError(f"rows must be a non-negative integer, got {describe(rows)}", file=source, layer=name)
-        for what, value in (("gram", gram), ("sum", total_sum), ("gram_normalized", normalized)):
-            if value is not None and not np.isfinite(np.asarray(value, dtype=np.float64)).all():
-                raise MrcError(f"{what} contains NaN or Inf", file=source, layer=name)
+        rows = _integer(st["rows"], "rows", source, layer=name)
+        try:  # the checks of every reader of statistics: finite, symmetric, PSD, rows ≥ 1 (mrc_ref.stats)
+            stats.validate({"gram": gram, "sum": total_sum, "rows": rows, "gram_normalized": normalized}, n, np)
+        except MrcError as err:
+            raise err.at(file=source, layer=name) from None
         if normalized is not None:
             normalized = np.asarray(normalized, dtype=np.float64) * images
         out_layers[name] = {"gram": gram, "sum": total_sum, "rows": int(rows), "gram_normalized": normalized}
@@ -157,7 +188,7 @@ def make_part(layers, proxy, attrs, source, layout=None, proxy_needed=True):
             raise MrcError(f"proxy/tokens has shape {tokens.shape}, expected (images, tokens, width)", file=source)
     return {
         "attrs": {key: values[key] for key in MATCHING},
-        "weights_file": str(_plain(attrs.get("weights_file", ""))),
+        "weights_file": _text(attrs.get("weights_file", ""), "weights_file", source),
         "shards": {index: images},
         "sources": {index: str(source)},
         "layout": dict(layout),

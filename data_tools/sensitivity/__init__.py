@@ -23,7 +23,7 @@ import numpy as np
 from mrc_ref import formats, pipeline, stats, svd, vit
 from mrc_ref.backend import get_dtype, get_xp, to_host
 from mrc_ref.errors import MrcError
-from mrc_ref.images import iter_batches, list_images, model_input_size
+from mrc_ref.images import check_image_outputs, iter_batches, list_images, model_input_size
 from mrc_ref.progress import progress_bar
 from mrc_ref.sensitivity import fit
 
@@ -286,7 +286,10 @@ def run(weights, acts, output, *, images=None, max_images=None, layers=pipeline.
         raise MrcError("--batch-size and --max-images must be positive")
     if statistic not in stats.STATISTICS:
         raise MrcError(f"unknown statistic {statistic!r}; expected one of {', '.join(stats.STATISTICS)}")
-    formats.check_outputs((output,), (weights, acts))
+    if images is not None:  # not an input, not an image, not inside the image folder, by any path
+        check_image_outputs((output,), (weights, acts), images)
+    else:
+        formats.check_outputs((output,), (weights, acts))
     xp = get_xp(device)
     dt = get_dtype(dtype)
     progress = None

@@ -78,8 +78,10 @@ def case_ids(version=None, root=ROOT):
 def case_dir(case_id, version=None, root=ROOT):
     """Directory of a case given as ``"id"``, ``"v1/id"`` or a directory path."""
     case_id = os.fspath(case_id)
-    if os.path.isfile(os.path.join(case_id, MANIFEST)):
+    if os.path.lexists(os.path.join(case_id, MANIFEST)):  # a directory (its manifest checked when read)
         return os.path.abspath(case_id)
+    if os.path.isdir(case_id) and not re.fullmatch(r"(v\d+/)?[^/]+", case_id):
+        raise MrcError(f"no {MANIFEST}: not a case directory", file=case_id)
     if "/" in case_id and version is None:
         version, case_id = case_id.split("/", 1)
     version = resolve_version(version, root)
@@ -208,9 +210,15 @@ def check_files(directory, manifest=None):
             problems.append(f"{name}: not in the manifest")
     for name, info in listed.items():
         path = os.path.join(directory, name)
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             problems.append(f"{name}: missing")
-        elif os.path.getsize(path) != info["bytes"] or sha256(path) != info["sha256"]:
+            continue
+        try:
+            formats.check_input(path)  # a FIFO, a directory, a link loop: named as such, never opened
+        except MrcError as err:
+            problems.append(f"{name}: {err.message}")
+            continue
+        if os.path.getsize(path) != info["bytes"] or sha256(path) != info["sha256"]:
             problems.append(f"{name}: SHA-256 differs from the manifest (the file was changed)")
     extra = sorted(set(os.listdir(directory)) - set(listed) - {MANIFEST})
     problems += [f"{name}: not a file of the case" for name in extra]
@@ -234,10 +242,19 @@ def resolve(doc, arrays):
 
 def read_inputs(directory):
     """The inputs of a case: ``(tensors, metadata, raw_stats, tokens, config)``,
-    ``raw_stats`` for every layer the configuration selects, as stored."""
-    config = config_from_json(read_json(os.path.join(directory, "config.json")))
-    tensors, metadata = formats.read_safetensors(os.path.join(directory, "weights.safetensors"))
-    names = pipeline.select_layers(tensors, config.layers)
+    ``raw_stats`` for every layer the configuration selects, as stored.
+    Every error names the file it concerns."""
+    path = os.path.join(directory, "config.json")
+    try:
+        config = config_from_json(read_json(path))
+    except MrcError as err:
+        raise err.at(file=path) from None
+    weights = os.path.join(directory, "weights.safetensors")
+    tensors, metadata = formats.read_safetensors(weights)
+    try:
+        names = pipeline.select_layers(tensors, config.layers)
+    except MrcError as err:
+        raise err.at(file=path) from None
     acts = os.path.join(directory, "acts.h5")
     with formats.open_activations(acts) as f:
         raw = {name: formats.read_layer_stats(f, name, acts, n=int(tensors[name + ".weight"].shape[1]))

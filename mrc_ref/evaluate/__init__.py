@@ -8,7 +8,7 @@ import numpy as np
 from .. import formats, metrics, vit
 from ..backend import get_dtype, get_xp, to_host
 from ..errors import ConfigError, MrcError
-from ..images import iter_batches, list_images, model_input_size
+from ..images import check_image_outputs, iter_batches, list_images, model_input_size
 from ..progress import counter
 
 __all__ = ["model_logits", "tensor_logits", "evaluate_files"]
@@ -107,7 +107,7 @@ def evaluate_files(weights, images, *, reference=None, save_logits=None, num_hea
     if num_heads is not None and num_heads < 1:
         raise ConfigError("num_heads", f"must be positive, got {num_heads}")
     if save_logits:  # refuse before any work: not an input, not an image of IMAGES
-        formats.check_output(save_logits, (weights, reference, *list_images(images)[0]))
+        check_image_outputs((save_logits,), (weights, reference), images)
     kw = dict(num_heads=num_heads, batch_size=batch_size, limit=limit, crop_pct=crop_pct, device=device,
               dtype=dtype, quiet=quiet)
     logits, labels = model_logits(weights, images, **kw)

@@ -20,7 +20,8 @@ from .compressed import (COMPRESSED_FORMAT, COMPRESSED_INT8_VERSION, COMPRESSED_
                          read_original)
 from .documents import (SENSITIVITY_FORMAT, SENSITIVITY_VERSION, json_text, read_json, read_sensitivity,
                         write_json, write_sensitivity)
-from .paths import atomic_path, check_input, check_output, check_outputs, same_file, scratch_space, write_files
+from .paths import (atomic_path, check_input, check_output, check_output_dir, check_outputs, inside, same_file,
+                    scratch_space, write_files)
 from .tensors import MAX_HEADER_BYTES, bf16_to_float32, read_safetensors, safetensors_bytes, write_safetensors
 
 __all__ = [
@@ -30,5 +31,5 @@ __all__ = [
     "COMPRESSED_INT8_VERSION", "COMPRESSED_VERSIONS",
     "read_json", "json_text", "write_json", "read_sensitivity", "write_sensitivity", "SENSITIVITY_FORMAT",
     "SENSITIVITY_VERSION",
-    "check_input", "check_output", "check_outputs", "atomic_path", "write_files", "same_file", "scratch_space",
+    "check_input", "check_output", "check_outputs", "check_output_dir", "inside", "atomic_path", "write_files", "same_file", "scratch_space",
 ]

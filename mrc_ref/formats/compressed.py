@@ -86,6 +86,41 @@ def _parse(meta, key, kind, path):
     return value
 
 
+def _check_ranks(tensors, meta, path):
+    """``ranks`` maps layers to a non-negative integer or null, and
+    ``residual_ranks`` to a non-negative integer; each factored layer's
+    entries equal the column counts of its ``lowrank_a`` and ``residual_p``
+    (docs/formats.md), so that what the file says is what it holds."""
+    for key, allow_null in (("ranks", True), ("residual_ranks", False)):
+        for name, value in meta[key].items():
+            if value is None and allow_null:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise MrcError(f"metadata {key!r} entry must be a non-negative integer"
+                               f"{' or null' if allow_null else ''}, got {describe(value)}", file=path, layer=name)
+    for name in layout.factored_layers(tensors):
+        if layout.factor_key(name, "lowrank_a") not in tensors:
+            continue  # an incomplete pair: refused by the layer's reader (mrc_ref.layout.layer_form)
+        held = {"ranks": int(tensors[layout.factor_key(name, "lowrank_a")].shape[-1]),
+                "residual_ranks": int(tensors[layout.factor_key(name, "residual_p")].shape[-1])
+                if layout.factor_key(name, "residual_p") in tensors else 0}
+        for key, count in held.items():
+            if name in meta[key] and meta[key][name] != count:
+                raise MrcError(f"metadata {key!r} says {describe(meta[key][name])}, but the stored factors have "
+                               f"{count} columns", file=path, layer=name)
+
+
+def _check_format(meta, path):
+    """Refuse a ``format`` label in mrc_ref's namespace that is not exactly
+    one this release reads (``mrc_ref.compressed2``, ``MRC_REF.compressed``,
+    ``mrc_ref.activations`` on a model...): an unknown format is an error, not
+    a plain model. Other labels (``pt``, a framework's own) are not ours."""
+    fmt = meta.get("format")
+    if isinstance(fmt, str) and fmt != COMPRESSED_FORMAT and fmt.strip().lower().startswith("mrc_ref"):
+        raise UnsupportedVersion(f"unknown format {describe(fmt)}; this release reads {COMPRESSED_FORMAT!r} "
+                                 f"versions {', '.join(COMPRESSED_VERSIONS)}", file=path)
+
+
 def check_compressed(tensors, meta, path=None):
     """Check a compressed file's metadata and int8 tensors; return the
     metadata with ``config``, ``ranks``, ``residual_ranks`` (and, in version
@@ -96,7 +131,9 @@ def check_compressed(tensors, meta, path=None):
     exactly the int8 tensors of the file; every int8 tensor has a valid scale
     (:func:`mrc_ref.quantize.check_quantized`); the stored configuration is
     checked like options given on a command line
-    (:func:`mrc_ref.pipeline.config_from_json`)."""
+    (:func:`mrc_ref.pipeline.config_from_json`); ``ranks`` and
+    ``residual_ranks`` hold non-negative integers (``ranks`` also null),
+    equal to the stored factors' column counts."""
     meta = dict(meta)
     if meta.get("format") != COMPRESSED_FORMAT:
         raise MrcError(f"format is {describe(meta.get('format'))}, expected {COMPRESSED_FORMAT!r}", file=path)
@@ -107,6 +144,7 @@ def check_compressed(tensors, meta, path=None):
     meta["config"] = _parse(meta, "config", dict, path)
     meta["ranks"] = _parse(meta, "ranks", dict, path)
     meta["residual_ranks"] = _parse(meta, "residual_ranks", dict, path)
+    _check_ranks(tensors, meta, path)
     try:
         pipeline.config_from_json(meta["config"])
         quantize.check_quantized(tensors)
@@ -152,7 +190,8 @@ def read_model(path):
 
     A file whose metadata says ``format: mrc_ref.compressed`` is checked as
     one (:func:`check_compressed`: a version this release does not know is
-    refused, its metadata parsed); any other safetensors file is read as
+    refused, its metadata parsed); a ``format`` in mrc_ref's namespace that
+    is not exactly that is refused; any other safetensors file is read as
     stored, its int8 tensors, if any, checked (:func:`mrc_ref.quantize.check_quantized`).
 
     Returns
@@ -171,6 +210,7 @@ def read_model(path):
         if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
             layer, _, what = key.rpartition(".")
             raise MrcError(f"{what or key} contains NaN or Inf", file=path, layer=layer or None)
+    _check_format(meta, path)
     if meta.get("format") == COMPRESSED_FORMAT:
         return tensors, check_compressed(tensors, meta, path)
     try:

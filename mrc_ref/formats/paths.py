@@ -11,8 +11,8 @@ import numpy as np
 
 from ..errors import MrcError
 
-__all__ = ["check_input", "same_file", "check_output", "check_outputs", "atomic_path", "write_files",
-           "scratch_space"]
+__all__ = ["check_input", "same_file", "inside", "check_output", "check_outputs", "check_output_dir",
+           "atomic_path", "write_files", "scratch_space"]
 
 
 def check_input(path):
@@ -51,15 +51,31 @@ def same_file(a, b):
         return False
 
 
-def check_output(path, inputs=(), outputs=()):
+def inside(path, folder):
+    """Whether ``path`` is ``folder`` or lies below it, once every symbolic
+    link in both is resolved (``path`` need not exist)."""
+    real, root = _resolved(path), _resolved(folder)
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _restore_times(directory, times):
+    os.utime(directory, ns=(times.st_atime_ns, times.st_mtime_ns))
+
+
+def check_output(path, inputs=(), outputs=(), folders=()):
     """Raise :class:`MrcError` unless ``path`` can be written: its directory
-    exists, it is not a directory, it is none of ``inputs`` and none of the
-    other ``outputs`` of the same run. Two paths are the same file when they
+    exists, it is not a directory, it is none of ``inputs``, none of the
+    other ``outputs`` of the same run, and it is not inside any of the input
+    ``folders`` (an image folder: a file written there would become an input
+    of the next run, whatever its name). Two paths are the same file when they
     resolve to the same path (any spelling, symbolic links in the file or in
     its directories, files that do not exist yet) or share an inode (hard
     links). The directory must be writable: a file is created in it and
     removed, and the directory's times put back (this works whatever the
-    permissions say, e.g. for root, and on a read-only mount). Called before any work, and again when writing."""
+    permissions say, e.g. for root, and on a read-only mount). Called before
+    any work, and again when writing. Every command that writes a file calls
+    it (through :func:`check_outputs`, or
+    :func:`mrc_ref.images.check_image_outputs` when it reads an image folder)."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
@@ -74,22 +90,57 @@ def check_output(path, inputs=(), outputs=()):
     for other in outputs:
         if other is not None and same_file(path, other):
             raise MrcError(f"output would overwrite another output of the same run ({os.fspath(other)})", file=path)
+    for folder in folders:
+        if folder is not None and inside(path, folder):
+            raise MrcError(f"output is inside the image folder {os.fspath(folder)} (it would be read as an input)",
+                           file=path)
     try:
         times = os.stat(directory)
         fd, probe = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".probe", dir=directory)
         os.close(fd)
         os.unlink(probe)
-        os.utime(directory, ns=(times.st_atime_ns, times.st_mtime_ns))  # the probe leaves no trace
+        _restore_times(directory, times)  # the probe leaves no trace
     except OSError as exc:
         raise MrcError(f"cannot write in the output directory: {exc.strerror or exc}", file=path) from None
 
 
-def check_outputs(outputs, inputs=()):
+def check_outputs(outputs, inputs=(), folders=()):
     """:func:`check_output` on every path of ``outputs`` (``None`` entries
-    skipped) against the ``inputs`` and against each other."""
+    skipped) against the ``inputs``, the input ``folders`` and each other."""
     outputs = [o for o in outputs if o is not None]
     for i, path in enumerate(outputs):
-        check_output(path, inputs, outputs[:i])
+        check_output(path, inputs, outputs[:i], folders)
+
+
+def check_output_dir(directory, files, inputs=(), folders=()):
+    """Raise :class:`MrcError` unless the output folder ``directory`` can
+    receive ``files`` (names): it is a directory or can be created (its
+    parent exists and a directory is created in it and removed, the parent's
+    times put back: the probe leaves no trace), it is not inside any input
+    ``folders``, and each ``directory/name`` passes :func:`check_output`.
+    Called before any work."""
+    directory = os.fspath(directory)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise MrcError("output is not a directory", file=directory)
+    for folder in folders:
+        if folder is not None and inside(directory, folder):
+            raise MrcError(f"the output directory is inside the image folder {os.fspath(folder)} "
+                           "(its files would be read as inputs)", file=directory)
+    if not os.path.isdir(directory):
+        parent = os.path.dirname(os.path.abspath(directory))
+        if not os.path.isdir(parent):
+            raise MrcError("the parent of the output directory does not exist", file=directory)
+        try:
+            times = os.stat(parent)
+            probe = tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(directory)) + ".",
+                                     suffix=".probe", dir=parent)
+            os.rmdir(probe)
+            _restore_times(parent, times)
+        except OSError as exc:
+            raise MrcError(f"cannot create the output directory: {exc.strerror or exc}", file=directory) from None
+        return
+    for name in files:
+        check_output(os.path.join(directory, name), inputs, folders=folders)
 
 
 @contextmanager

@@ -223,20 +223,13 @@ OUTPUT_FILES = ("report.md", "report.html", "report.json")
 
 
 def check_output_dir(directory, inputs, images):
-    """Refuse an output folder that is a file, whose parent is missing, or
-    that is (or is inside) the image folder; refuse output files that are inputs."""
-    directory = os.fspath(directory)
-    if os.path.exists(directory) and not os.path.isdir(directory):
-        raise MrcError("output is not a directory", file=directory)
-    if not os.path.isdir(directory) and not os.path.isdir(os.path.dirname(os.path.abspath(directory))):
-        raise MrcError("the parent of the output directory does not exist", file=directory)
-    real, folder = os.path.realpath(directory), os.path.realpath(images)
-    if real == folder or real.startswith(folder.rstrip(os.sep) + os.sep):
-        raise MrcError("the output directory is inside the image folder (figures would become images)",
-                       file=directory)
-    if os.path.isdir(directory):
-        for name in OUTPUT_FILES:
-            formats.check_output(os.path.join(directory, name), inputs)
+    """Refuse, before any work, an output folder that is a file, that cannot
+    be created (missing parent, no permission: probed without a trace), or
+    that is (or is inside) the image folder; refuse output files that are
+    inputs or images, by any path (:func:`mrc_ref.images.check_image_outputs`)."""
+    from ..images import check_image_outputs
+
+    check_image_outputs((), inputs, images, directory=(directory, OUTPUT_FILES))
 
 
 def write_report(directory, data, figs, blocks, inputs):

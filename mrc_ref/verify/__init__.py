@@ -196,8 +196,8 @@ def read_layer(tensors, lora, name, m, n, path, scaling=1.0, stored=None, half_s
     """One layer of the compressed model, in whichever layout it is stored.
 
     ``scaling`` is the PEFT pairs' ``s`` (a number, or a callable
-    ``scaling(name, rank)``). The rank of a pair may not exceed
-    ``min(m, n)``. ``half_steps`` maps the keys of tensors stored int8 to
+    ``scaling(name, rank)``). The rank of each pair (principal, residual,
+    PEFT), and ``r + q`` of a factored layer, may not exceed ``min(m, n)``. ``half_steps`` maps the keys of tensors stored int8 to
     half their rows' quantization steps (``scale / 2``).
 
     Returns
@@ -232,6 +232,11 @@ def read_layer(tensors, lora, name, m, n, path, scaling=1.0, stored=None, half_s
         if f"{name}.residual_p" in tensors:
             P = get(f"{name}.residual_p", (m, None))
             Q = get(f"{name}.residual_q", (P.shape[1], n))
+            _check_rank(P.shape[1], m, n, "residual_p/residual_q", path, name)
+            if A.shape[1] + P.shape[1] > min(m, n):  # what compress refuses (mrc_ref.allocate): never its output
+                raise MrcError(f"rank {A.shape[1]} plus residual rank {P.shape[1]} is {A.shape[1] + P.shape[1]}, "
+                               f"more than min(m, n) = {min(m, n)} of the {m}×{n} layer: not a low-rank "
+                               "factorization", file=path, layer=name)
         return {"layout": "factored", "A": A, "B": B, "P": P, "Q": Q, "base": None,
                 "stored": A.size + B.size + P.size + Q.size,
                 "half": [half_steps.get(layout.factor_key(name, s)) for s in layout.FACTOR_SUFFIXES]}
