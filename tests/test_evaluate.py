@@ -124,6 +124,23 @@ def test_reference_with_other_classes_and_bad_crop_exit_2(small_folder, tmp_path
         assert len(res.stderr.strip().splitlines()) == 1 and words in res.stderr
 
 
+@pytest.mark.parametrize("bad", ["classes", "truncated"])
+def test_a_bad_reference_is_refused_before_any_forward_pass(small_folder, tmp_path, monkeypatch, bad):
+    from data_tools import synthetic
+    from mrc_ref import evaluate, formats, vit
+    from mrc_ref.errors import MrcError
+
+    ref = tmp_path / "ref.safetensors"
+    formats.write_safetensors(ref, synthetic.make_model(0, classes=5), {"num_heads": "4"})
+    if bad == "truncated":
+        ref.write_bytes(ref.read_bytes()[:-100])
+    calls = []
+    monkeypatch.setattr(vit, "forward", lambda *a, **k: calls.append(1))
+    with pytest.raises(MrcError, match="classes" if bad == "classes" else "ref.safetensors"):
+        evaluate.evaluate_files(example.WEIGHTS, small_folder, reference=str(ref))
+    assert calls == []
+
+
 # ------------------------------------------------------------------ hardening
 def _png_header_only(path, width, height):
     """A greyscale PNG that declares ``width × height`` but holds almost no

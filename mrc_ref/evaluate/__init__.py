@@ -5,34 +5,49 @@ command line is ``python -m mrc_ref.evaluate`` (docs/cli.md).
 
 import numpy as np
 
-from .. import formats, metrics, vit
+from .. import formats, layout, metrics, vit
 from ..backend import get_dtype, get_xp, to_host
 from ..errors import ConfigError, MrcError
 from ..images import check_image_outputs, iter_batches, list_images, model_input_size
 from ..progress import counter
 
-__all__ = ["model_logits", "tensor_logits", "evaluate_files"]
+__all__ = ["load_model", "model_logits", "tensor_logits", "evaluate_files"]
 
 
-def model_logits(weights, images, *, num_heads=None, batch_size=64, limit=None, crop_pct=0.875,
-                 device="cpu", dtype="float64", quiet=True):
-    """Logits of the model in ``weights`` over the image folder ``images``.
+def _output_features(tensors, name):
+    """Output features of linear layer ``name`` (its ``m``), dense or factored."""
+    key = name + (".weight" if layout.layer_form(tensors, name) == "dense" else ".lowrank_a")
+    return int(tensors[key].shape[0])
 
-    Reads the file and streams the folder through :func:`tensor_logits`.
+
+def load_model(weights, *, num_heads=None, device="cpu", dtype="float64"):
+    """Read the model in ``weights`` and make it ready for the forward pass.
 
     Returns
     -------
-    logits : ndarray (N, K) float64
-    labels : ndarray (N,) or None
+    params : dict
+        :func:`mrc_ref.vit.prepare`'d tensors on the device, in ``dtype``.
+    heads : int
+        Attention heads.
+    size : int
+        Input image side.
+    classes : int
+        Output features of the head.
     """
-    xp = get_xp(device)
     tensors, metadata = formats.read_model(weights)
     try:
         heads = vit.resolve_num_heads(tensors, num_heads, metadata)
-        params = vit.prepare(tensors, xp, get_dtype(dtype))
         size = model_input_size(tensors)
+        classes = _output_features(tensors, "head")
+        params = vit.prepare(tensors, get_xp(device), get_dtype(dtype))
     except MrcError as err:
         raise err.at(file=weights) from None
+    return params, heads, size, classes
+
+
+def _folder_logits(model, weights, images, *, batch_size, limit, crop_pct, device, dtype, quiet):
+    """Logits of a :func:`load_model` model over the folder ``images``."""
+    params, heads, size, _ = model
     total = len(list_images(images)[0])
     with counter(total if limit is None else min(total, limit), f"evaluate {weights}", quiet, unit="img") as bar:
         def counted():
@@ -40,8 +55,24 @@ def model_logits(weights, images, *, num_heads=None, batch_size=64, limit=None, 
                 yield item
                 bar.update(len(item[0]))
 
-        return tensor_logits(params, metadata, counted(), num_heads=heads, device=device, dtype=dtype,
-                             source=weights)
+        return tensor_logits(params, {}, counted(), num_heads=heads, device=device, dtype=dtype, source=weights)
+
+
+def model_logits(weights, images, *, num_heads=None, batch_size=64, limit=None, crop_pct=0.875,
+                 device="cpu", dtype="float64", quiet=True):
+    """Logits of the model in ``weights`` over the image folder ``images``.
+
+    Reads the file (:func:`load_model`) and streams the folder through
+    :func:`tensor_logits`.
+
+    Returns
+    -------
+    logits : ndarray (N, K) float64
+    labels : ndarray (N,) or None
+    """
+    model = load_model(weights, num_heads=num_heads, device=device, dtype=dtype)
+    return _folder_logits(model, weights, images, batch_size=batch_size, limit=limit, crop_pct=crop_pct,
+                          device=device, dtype=dtype, quiet=quiet)
 
 
 def tensor_logits(tensors, metadata, batches, *, num_heads=None, device="cpu", dtype="float64", source=None):
@@ -108,14 +139,16 @@ def evaluate_files(weights, images, *, reference=None, save_logits=None, num_hea
         raise ConfigError("num_heads", f"must be positive, got {num_heads}")
     if save_logits:  # refuse before any work: not an input, not an image of IMAGES
         check_image_outputs((save_logits,), (weights, reference), images)
-    kw = dict(num_heads=num_heads, batch_size=batch_size, limit=limit, crop_pct=crop_pct, device=device,
-              dtype=dtype, quiet=quiet)
-    logits, labels = model_logits(weights, images, **kw)
-    ref = None
-    if reference:
-        ref, _ = model_logits(reference, images, **kw)
-        if ref.shape != logits.shape:
-            raise MrcError(f"the reference has {ref.shape[1]} classes, the model {logits.shape[1]}", file=reference)
+    load = dict(num_heads=num_heads, device=device, dtype=dtype)
+    model = load_model(weights, **load)
+    ref_model = None
+    if reference:  # read and checked before any forward pass
+        ref_model = load_model(reference, **load)
+        if ref_model[3] != model[3]:
+            raise MrcError(f"the reference has {ref_model[3]} classes, the model {model[3]}", file=reference)
+    kw = dict(batch_size=batch_size, limit=limit, crop_pct=crop_pct, device=device, dtype=dtype, quiet=quiet)
+    logits, labels = _folder_logits(model, weights, images, **kw)
+    ref = None if ref_model is None else _folder_logits(ref_model, reference, images, **kw)[0]
     result = metrics.summarize(logits, labels, ref)
     if save_logits:
         arrays = {"logits": logits} | ({} if labels is None else {"labels": labels})
