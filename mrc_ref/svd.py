@@ -9,14 +9,45 @@ outputs ``Y = X Wᵀ``), with ``NMSE(r) = Σ_{i>r} σ_i² / Σ_i σ_i²``. No in
 of ``C`` is used, so a singular ``C`` is fine.
 """
 
+import numpy as np
+
 from .errors import MrcError
 
-__all__ = ["PSD_RTOL", "output_basis", "canonical_signs", "nmse_curve", "energy_curve", "factors", "nmse"]
+__all__ = ["PSD_RTOL", "GRAM_ROUTE_RTOL", "output_basis", "cholesky", "canonical_signs", "nmse_curve",
+           "energy_curve", "factors", "nmse"]
 
 #: An eigenvalue below ``-PSD_RTOL * max eigenvalue`` means the metric is not
 #: positive semi-definite (round-off of a PSD float64 matrix is ~1e-16 relative;
 #: float32-stored Grams reach ~1e-7).
 PSD_RTOL = 1e-6
+
+
+#: The Gram route of :func:`output_basis` (``m > n``) is kept only when every
+#: ``σ_i² ≥ GRAM_ROUTE_RTOL · σ_1²`` **[choice]**: forming ``(W S)ᵀ (W S)``
+#: squares the condition number, so a column ``u_i`` is accurate to about
+#: ``ε σ_1² / (σ_i² gap)`` instead of the SVD's ``ε σ_1 / (σ_i gap)``; below
+#: ``1e-10`` (a ``σ`` ratio of ``1e5``) the thin SVD of ``W S`` is taken instead.
+GRAM_ROUTE_RTOL = 1e-10
+
+
+def cholesky(c, xp):
+    """Lower Cholesky factor ``L`` of a symmetric ``c`` (n, n), ``c = L Lᵀ``, or
+    ``None`` when ``c`` is not numerically positive definite.
+
+    Failure is what ``xp.linalg.cholesky`` raises (NumPy's ``LinAlgError``), or
+    a factor with a non-finite or non-positive diagonal (cuSOLVER reports a
+    failed pivot that way when CuPy does not raise).
+    """
+    try:
+        L = xp.linalg.cholesky(c)
+    except Exception as err:  # numpy.linalg.LinAlgError, or CuPy's under errstate(linalg='raise')
+        if type(err).__name__ != "LinAlgError":
+            raise
+        return None
+    d = xp.diagonal(L)
+    if not (bool(xp.isfinite(d).all()) and float(d.min()) > 0):
+        return None
+    return L
 
 
 def _descending_eigh(g, xp, what):
@@ -54,9 +85,21 @@ def canonical_signs(U, xp):
 def output_basis(W, C, xp):
     """Output basis ``U`` and spectrum ``σ²`` of the output Gram ``W C Wᵀ``.
 
-    When ``m ≤ n``: ``eigh(W C Wᵀ)`` (``m × m``). When ``m > n``: the thin SVD
-    ``W S = U Σ Vᵀ`` with ``S = V_C Λ_C^{1/2}`` a square root of ``C``
-    (``S Sᵀ = C``; eigenvalues clipped at 0), since ``W S (W S)ᵀ = W C Wᵀ``.
+    ``W C Wᵀ = U Σ² Uᵀ``, ``U`` (m, k), ``k = min(m, n)``, by one of two routes:
+
+    * ``m ≤ n``: ``eigh(W C Wᵀ)`` (``m × m``).
+    * ``m > n``: with ``S`` a square root of ``C`` (``S Sᵀ = C``), ``B = W S``
+      (m × n) has ``B Bᵀ = W C Wᵀ``, so ``U`` and ``σ`` are the left singular
+      vectors and values of ``B``. ``S = L``, the Cholesky factor, when ``C`` is
+      positive definite; then the ``n × n`` Gram ``Bᵀ B = Sᵀ Wᵀ W S = V Σ² Vᵀ``
+      (``eigh``) gives ``U = B V Σ⁻¹``, made orthonormal to round-off by
+      Newton–Schulz steps ``U ← U (I + E/2)``, ``E = I − Uᵀ U`` (one or two:
+      ``E`` starts at about ``ε σ_1² / σ_k²``). This Gram route is
+      taken in float64 only and when every ``σ_i² ≥`` :data:`GRAM_ROUTE_RTOL`
+      ``· σ_1²`` (it squares the condition number). Otherwise — ``C`` singular
+      (``S = V_C Λ_C^{1/2}``, eigenvalues clipped at 0), ``W S`` of small or
+      zero singular values, or float32 — ``U`` comes from the thin SVD
+      ``B = U Σ Vᵀ``.
 
     Parameters
     ----------
@@ -98,8 +141,41 @@ def output_basis(W, C, xp):
     if m <= n:
         s2, U = _descending_eigh(W @ C @ W.T, xp, "output Gram W C Wᵀ")
         return canonical_signs(U, xp), s2
-    lam, V = _descending_eigh(C, xp, "statistic C")
-    U, sigma, _ = xp.linalg.svd(W @ (V * xp.sqrt(lam)), full_matrices=False)
+    gram_route = np.dtype(W.dtype) == np.float64
+    S = cholesky((C + C.T) / 2, xp) if gram_route else None
+    if S is None:  # C singular (or float32): the eigenvalue square root and the thin SVD
+        lam, V = _descending_eigh(C, xp, "statistic C")
+        return _svd_route(W @ (V * xp.sqrt(lam)), xp)
+    B = W @ S
+    s2, V = xp.linalg.eigh(B.T @ B)
+    s2, V = xp.clip(s2[::-1], 0, None), V[:, ::-1]
+    if not float(s2[0]) > 0:
+        raise MrcError("output Gram W C Wᵀ is zero (zero output energy)")
+    if not float(s2[-1]) >= GRAM_ROUTE_RTOL * float(s2[0]):  # W S (near) rank-deficient
+        return _svd_route(B, xp)
+    U = (B @ V) / xp.sqrt(s2)
+    return canonical_signs(_orthonormalize(U, xp), xp), s2
+
+
+def _orthonormalize(U, xp, steps=3):
+    """Newton–Schulz steps toward the nearest orthonormal matrix (the polar
+    factor): ``E = I − Uᵀ U``, ``U ← U (I + E / 2)``, so ``E ← −¾ E² + O(E³)``;
+    repeated while ``max|E| > 16 ε`` (at most ``steps`` times). Products only,
+    so every array module gives the same numbers."""
+    k = U.shape[1]
+    eye = xp.eye(k, dtype=U.dtype)
+    tol = 16 * float(np.finfo(U.dtype).eps)
+    for _ in range(steps):
+        E = eye - U.T @ U
+        if not float(xp.abs(E).max()) > tol:
+            break
+        U = U + 0.5 * (U @ E)
+    return U
+
+
+def _svd_route(B, xp):
+    """``U``, ``σ²`` from the thin SVD ``B = U Σ Vᵀ`` (m, n), ``m > n``."""
+    U, sigma, _ = xp.linalg.svd(B, full_matrices=False)
     s2 = sigma**2
     if not float(s2[0]) > 0:
         raise MrcError("output Gram W C Wᵀ is zero (zero output energy)")

@@ -378,6 +378,16 @@ def _eigvalsh(a, UPLO="L"):
     return StrictArray(np.linalg.eigvalsh(_strict_only(a), UPLO=UPLO))
 
 
+def _cholesky(a):
+    """``cupy.linalg.cholesky``: by default CuPy does not raise on a matrix
+    that is not positive definite; cuSOLVER leaves a non-real (here NaN)
+    diagonal entry, which is what this double returns."""
+    try:
+        return StrictArray(np.linalg.cholesky(_strict_only(a)))
+    except np.linalg.LinAlgError:
+        return StrictArray(np.full(a.shape, np.nan))
+
+
 def _solve(a, b):
     return StrictArray(np.linalg.solve(_strict_only(a), _strict_only(b)))
 
@@ -407,7 +417,7 @@ for _fn in (asarray, empty, zeros, zeros_like, eye, outer, concatenate, cumsum, 
     setattr(xp, _fn.__name__, _fn)
 # defined as _abs etc. so that the builtins stay usable in this file
 xp.abs, xp.sum, xp.max, xp.all, xp.any = _abs, _sum, _max, _all, _any
-xp.linalg = types.SimpleNamespace(eigh=_eigh, eigvalsh=_eigvalsh, svd=_svd, solve=_solve)
+xp.linalg = types.SimpleNamespace(eigh=_eigh, eigvalsh=_eigvalsh, svd=_svd, solve=_solve, cholesky=_cholesky)
 xp.finfo = np.finfo  # CuPy re-exports NumPy's
 xp.float32, xp.float64, xp.int8 = np.float32, np.float64, np.int8  # CuPy's dtypes are NumPy's
 xp.ndarray = StrictArray
