@@ -214,3 +214,18 @@ def test_cholesky_helper():
         assert svd.cholesky(bad, np) is None
         assert svd.cholesky(sx.asarray(bad), sx) is None
     np.testing.assert_allclose(svd.cholesky(sx.asarray(A), sx).get(), L)
+
+
+def test_canonical_signs_equals_the_argmax_rule():
+    """The two-reduction form gives the argmax rule's signs exactly, ties
+    between signs (first entry wins) and zero columns included."""
+    def rule(U):
+        pivot = np.take_along_axis(U, np.argmax(np.abs(U), axis=0)[None, :], axis=0)
+        return U * np.where(pivot < 0, -1.0, 1.0)
+
+    rng = np.random.default_rng(0)
+    U = rng.standard_normal((30, 8))
+    np.testing.assert_array_equal(svd.canonical_signs(U, np), rule(U))
+    tied = np.array([[1.0, -2.0, 0.0], [-1.0, 2.0, 0.0], [0.5, 1.0, 0.0]])
+    np.testing.assert_array_equal(svd.canonical_signs(tied, np), rule(tied))
+    np.testing.assert_array_equal(svd.canonical_signs(tied, np)[:, :2], [[1.0, 2.0], [-1.0, -2.0], [0.5, -1.0]])
