@@ -10,7 +10,7 @@ from .errors import MrcError
 from .svd import PSD_RTOL, cholesky
 
 __all__ = ["SYMMETRY_RTOL", "FLOAT_DTYPES", "STATISTICS", "METRIC_MATRIX", "accumulate_gram", "check_declared",
-           "validate", "check_psd", "metric", "metric_gram", "metric_per_image", "metric_mean_input", "metric_weight"]
+           "validate", "check_psd", "screen_psd", "metric", "metric_gram", "metric_per_image", "metric_mean_input", "metric_weight"]
 
 #: Relative tolerance of the symmetry check, ``max|C - Cᵀ| <= tol * max|C|``;
 #: loose enough for Grams summed and stored in float32.
@@ -165,6 +165,25 @@ def check_psd(c, what, xp):
                        f"{low / top:.3g} times the largest; tolerance {PSD_RTOL:g})")
 
 
+def screen_psd(c, what, xp):
+    """A necessary condition of positive semi-definiteness, in O(n²), for a
+    matrix present but not used by the statistic: every 2 × 2 principal minor
+    non-negative, ``|c_ij| ≤ √(c_ii c_jj)`` (Cauchy–Schwarz, which every Gram
+    obeys), up to a factor ``1 + PSD_RTOL`` for round-off. A matrix that
+    breaks it goes to :func:`check_psd`, which gives the verdict (so nothing
+    the eigenvalue test accepts is refused); one that obeys it is not tested
+    further (an indefinite part invisible in the 2 × 2 minors passes here).
+
+    Raises
+    ------
+    MrcError
+        As :func:`check_psd`.
+    """
+    root = xp.sqrt(xp.diagonal(c))  # the diagonal is non-negative (checked before)
+    if bool((xp.abs(c) > (1 + PSD_RTOL) * (root[:, None] * root[None, :])).any()):
+        check_psd(c, what, xp)
+
+
 #: Statistic name -> the stored matrix its metric ``C`` is (``None``: ``C`` is
 #: built from other fields and positive semi-definite by construction,
 #: ``x̄ x̄ᵀ`` or ``I``).
@@ -182,7 +201,9 @@ def validate(stats, n, xp, dtype=None, statistic=None, psd=True):
     (:data:`METRIC_MATRIX`) is then checked positive semi-definite (smallest
     eigenvalue ``≥ −PSD_RTOL ×`` the largest, which admits the round-off of a
     Gram stored in float32), by :func:`check_psd`: a Cholesky test, with
-    ``eigvalsh`` only when it fails.
+    ``eigvalsh`` only when it fails. A matrix present but not used gets the
+    O(n²) screen of :func:`screen_psd` (its 2 × 2 principal minors), and the
+    full test only when that fails.
 
     Parameters
     ----------
@@ -232,9 +253,9 @@ def validate(stats, n, xp, dtype=None, statistic=None, psd=True):
                                                "gram_normalized", xp)
     if psd:
         used = ("gram", "gram_normalized") if statistic is None else (METRIC_MATRIX[statistic],)
-        for key in used:
-            if key is not None and out[key] is not None:
-                check_psd(out[key], key, xp)
+        for key in ("gram", "gram_normalized"):
+            if out[key] is not None:
+                (check_psd if key in used else screen_psd)(out[key], key, xp)
     return {"gram": out["gram"], "sum": out["sum"], "rows": rows, "gram_normalized": out["gram_normalized"]}
 
 

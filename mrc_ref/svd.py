@@ -9,6 +9,8 @@ outputs ``Y = X Wᵀ``), with ``NMSE(r) = Σ_{i>r} σ_i² / Σ_i σ_i²``. No in
 of ``C`` is used, so a singular ``C`` is fine.
 """
 
+import contextlib
+
 import numpy as np
 
 from .errors import MrcError
@@ -34,13 +36,20 @@ def cholesky(c, xp):
     """Lower Cholesky factor ``L`` of a symmetric ``c`` (n, n), ``c = L Lᵀ``, or
     ``None`` when ``c`` is not numerically positive definite.
 
-    Failure is what ``xp.linalg.cholesky`` raises (NumPy's ``LinAlgError``), or
-    a factor with a non-finite or non-positive diagonal (cuSOLVER reports a
-    failed pivot that way when CuPy does not raise).
+    Failure is what ``xp.linalg.cholesky`` raises (NumPy's ``LinAlgError``;
+    CuPy raises it under ``cupyx.errstate(linalg="raise")``, set here), or a
+    factor with a non-finite or non-positive diagonal (a failed pivot left in
+    the factor, as by cuSOLVER).
     """
+    guard = contextlib.nullcontext()
+    if xp.__name__.split(".")[0] == "cupy":  # CuPy ignores a failed factorization by default
+        import cupyx
+
+        guard = cupyx.errstate(linalg="raise")
     try:
-        L = xp.linalg.cholesky(c)
-    except Exception as err:  # numpy.linalg.LinAlgError, or CuPy's under errstate(linalg='raise')
+        with guard:
+            L = xp.linalg.cholesky(c)
+    except Exception as err:  # numpy.linalg.LinAlgError, or CuPy's
         if type(err).__name__ != "LinAlgError":
             raise
         return None

@@ -379,9 +379,11 @@ def _eigvalsh(a, UPLO="L"):
 
 
 def _cholesky(a):
-    """``cupy.linalg.cholesky``: by default CuPy does not raise on a matrix
-    that is not positive definite; cuSOLVER leaves a non-real (here NaN)
-    diagonal entry, which is what this double returns."""
+    """``cupy.linalg.cholesky`` without ``cupyx.errstate(linalg="raise")``
+    (which mrc_ref sets on real CuPy): no error on a matrix that is not
+    positive definite, and a factor whose failed pivot is not a positive real
+    (here NaN), so the library's second guard, the factor's diagonal, is what
+    catches it."""
     try:
         return StrictArray(np.linalg.cholesky(_strict_only(a)))
     except np.linalg.LinAlgError:

@@ -275,6 +275,32 @@ def test_check_psd_verdict_equals_eigvalsh(seed, n, depth, spread, zeros):
     except MrcError:
         got = False
     assert got == expected
+    try:  # the screen of unused matrices never refuses what the eigenvalue test accepts
+        stats.screen_psd(c, "gram_normalized", np)
+    except MrcError:
+        assert not expected
+
+
+def test_unused_matrix_screened_by_its_2x2_minors():
+    """statistic 'gram' with an indefinite gram_normalized: refused when a
+    2 × 2 principal minor shows it (then eigvalsh words the refusal), passed
+    when the indefinite part is invisible there (unused, not tested further);
+    a PSD matrix whose minors break Cauchy–Schwarz by round-off beyond the
+    screen's tolerance goes to the full test and passes."""
+    _, C, hidden = _hidden_indefinite()
+    visible = C.copy()
+    t = 10 * np.diag(C).max()
+    visible[0, 1] += t
+    visible[1, 0] += t
+    s = {"gram": C, "sum": np.ones(32), "rows": 100}
+    with pytest.raises(MrcError, match=r"^gram_normalized is not positive semi-definite \(smallest eigenvalue"):
+        stats.validate({**s, "gram_normalized": visible}, 32, np, statistic="gram")
+    stats.validate({**s, "gram_normalized": hidden}, 32, np, statistic="gram")
+    v = np.random.default_rng(0).standard_normal(32)
+    rank_one = np.outer(v, v)  # every minor is 0: |c_ij| = √(c_ii c_jj)
+    rank_one[0, 1] = rank_one[1, 0] = rank_one[0, 1] * (1 + 1e-5)  # breaks it by 1e-5, within PSD_RTOL of λ_max
+    assert _eig_verdict(rank_one)
+    stats.validate({**s, "gram_normalized": rank_one}, 32, np, statistic="gram")
 
 
 def test_only_the_statistic_in_use_is_tested_psd(monkeypatch):

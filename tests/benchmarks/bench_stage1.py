@@ -28,6 +28,12 @@ workers otherwise spin after each call and starve OpenBLAS's threads (NumPy
 up to 5× slower in the same process). ``torch.set_num_threads`` is set to
 the BLAS thread count.
 
+Figure ``validate_deit_b``: :func:`mrc_ref.stats.validate` of the same
+layers' statistics (``gram`` and ``gram_normalized`` present, statistic
+``gram``), against the validation before issue 19 (copied here: ``eigvalsh``
+of both matrices). Value: ours / previous (lower is better); the verdicts
+(all pass) are compared.
+
 Usage: ``python tests/benchmarks/bench_stage1.py [--quick] [--repeats N] [--blas-threads K]``
 (``--quick``: one block, 4 layers, one repeat). One untimed warm-up pass over
 a block comes first. Timings are never asserted.
@@ -59,6 +65,24 @@ def previous_output_basis(W, C, xp):
     lam, V = svd._descending_eigh(C, xp, "statistic C")
     U, sigma, _ = xp.linalg.svd(W @ (V * xp.sqrt(lam)), full_matrices=False)
     return svd.canonical_signs(U, xp), sigma**2
+
+
+def previous_validate(raw, n):
+    """The validation before issue 19: symmetry checks and ``eigvalsh`` of
+    ``gram`` and of ``gram_normalized`` (only the PSD part differs from ours)."""
+    from mrc_ref.svd import PSD_RTOL
+
+    out = {}
+    for key in ("gram", "gram_normalized"):
+        c = np.asarray(raw[key], dtype=np.float64)
+        if not np.isfinite(c).all() or np.abs(c - c.T).max() > 1e-5 * np.abs(c).max() or np.diag(c).min() < 0:
+            raise ValueError(key)
+        c = (c + c.T) / 2
+        evals = np.linalg.eigvalsh(c)
+        if evals[0] < -PSD_RTOL * evals[-1]:
+            raise ValueError(key)
+        out[key] = c
+    return out
 
 
 def synthetic_gram(n, rng, k=512, floor=1e-3):
@@ -172,6 +196,38 @@ def main(argv=None):
         "torch": torch.__version__,
         "python": platform.python_version(),
         "notes": "runs interleaved layer by layer; shared machine: see loadavg",
+    }))
+
+    from mrc_ref import stats
+
+    grams = {}
+    for leaf, W, C, _, _ in layers:
+        n = W.shape[1]
+        if n not in grams:
+            grams[n] = {"gram": C, "sum": np.ones(n), "rows": 1000, "gram_normalized": C / 1000}
+    timing = {"ours": [], "previous": []}
+    for _ in range(args.repeats):
+        run = {"ours": 0.0, "previous": 0.0}
+        for leaf, W, C, _, _ in layers:
+            raw = grams[W.shape[1]]
+            t = time.perf_counter()
+            stats.validate(raw, W.shape[1], np, statistic="gram")
+            run["ours"] += time.perf_counter() - t
+            t = time.perf_counter()
+            previous_validate(raw, W.shape[1])
+            run["previous"] += time.perf_counter() - t
+        for key in timing:
+            timing[key].append(run[key])
+    med = {key: statistics.median(v) for key, v in timing.items()}
+    print(json.dumps({
+        "name": "validate_deit_b",
+        "value": round(med["ours"] / med["previous"], 3),
+        "unit": f"ratio ours / previous, stats.validate of {len(layers)} DeiT-B layers (gram and gram_normalized "
+                "present, statistic gram), float64",
+        "seconds_median": {k: round(v, 3) for k, v in med.items()},
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+        "blas_threads": info,
+        "notes": "ours: O(n^2) checks of both matrices, Cholesky test of gram only; previous: eigvalsh of both",
     }))
     del limiter
 
