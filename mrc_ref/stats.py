@@ -10,7 +10,8 @@ from .errors import MrcError
 from .svd import PSD_RTOL, cholesky
 
 __all__ = ["SYMMETRY_RTOL", "FLOAT_DTYPES", "STATISTICS", "METRIC_MATRIX", "accumulate_gram", "check_declared",
-           "validate", "check_psd", "screen_psd", "metric", "metric_gram", "metric_per_image", "metric_mean_input", "metric_weight"]
+           "validate", "check_psd", "screen_psd", "metric", "metric_gram", "metric_per_image", "metric_mean_input",
+           "metric_weight"]
 
 #: Relative tolerance of the symmetry check, ``max|C - Cᵀ| <= tol * max|C|``;
 #: loose enough for Grams summed and stored in float32.
@@ -148,15 +149,20 @@ def check_psd(c, what, xp):
     stricter nor looser (up to the round-off of either factorization, about
     ``n ε ‖c‖``, far below the tolerance). A singular or float32-rounded Gram
     usually passes at the first step; one within the tolerance whose negative
-    round-off exceeds ``δ`` falls back to ``eigvalsh``.
+    round-off exceeds ``δ`` falls back to ``eigvalsh``. The first step is
+    taken only where ``n ε ≤ PSD_RTOL / 100`` for the dtype of ``c`` (float64;
+    in float32 the factorization's round-off could exceed ``δ``, and
+    ``eigvalsh`` alone decides, as before).
 
     Raises
     ------
     MrcError
         ``<what> is not positive semi-definite (smallest eigenvalue …)``.
     """
+    n = c.shape[0]
     delta = PSD_RTOL * float(xp.diagonal(c).max())
-    if delta > 0 and cholesky(c + delta * xp.eye(c.shape[0], dtype=c.dtype), xp) is not None:
+    if n * float(np.finfo(c.dtype).eps) <= PSD_RTOL / 100 and delta > 0 \
+            and cholesky(c + delta * xp.eye(n, dtype=c.dtype), xp) is not None:
         return
     evals = xp.linalg.eigvalsh(c)  # ascending
     low, top = float(evals[0]), float(evals[-1])

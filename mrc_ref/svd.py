@@ -36,11 +36,20 @@ def cholesky(c, xp):
     """Lower Cholesky factor ``L`` of a symmetric ``c`` (n, n), ``c = L Lᵀ``, or
     ``None`` when ``c`` is not numerically positive definite.
 
-    Failure is what ``xp.linalg.cholesky`` raises (NumPy's ``LinAlgError``;
+    On NumPy, LAPACK's ``potrf`` through SciPy (its ``info``). Elsewhere,
+    failure is what ``xp.linalg.cholesky`` raises (NumPy's ``LinAlgError``;
     CuPy raises it under ``cupyx.errstate(linalg="raise")``, set here), or a
     factor with a non-finite or non-positive diagonal (a failed pivot left in
     the factor, as by cuSOLVER).
     """
+    if xp is np and c.dtype in (np.float32, np.float64):
+        # LAPACK's potrf on the Fortran-ordered view cᵀ (= c): no copy into Fortran order, and
+        # the factor's upper triangle there is L's lower one here (c = Uᵀ U, L = Uᵀ)
+        from scipy.linalg import lapack
+
+        potrf = lapack.dpotrf if c.dtype == np.float64 else lapack.spotrf
+        U, info = potrf(c.T, lower=0, clean=1, overwrite_a=0)
+        return U.T if info == 0 and bool(np.isfinite(np.diagonal(U)).all()) else None  # U.T: C-ordered
     guard = contextlib.nullcontext()
     if xp.__name__.split(".")[0] == "cupy":  # CuPy ignores a failed factorization by default
         import cupyx

@@ -383,11 +383,16 @@ def _cholesky(a):
     (which mrc_ref sets on real CuPy): no error on a matrix that is not
     positive definite, and a factor whose failed pivot is not a positive real
     (here NaN), so the library's second guard, the factor's diagonal, is what
-    catches it."""
-    try:
-        return StrictArray(np.linalg.cholesky(_strict_only(a)))
-    except np.linalg.LinAlgError:
-        return StrictArray(np.full(a.shape, np.nan))
+    catches it. The factor comes from the LAPACK call mrc_ref makes on NumPy
+    (``potrf`` of the Fortran-ordered transpose), so NumPy and double runs
+    differ only where the array-module discipline does."""
+    from scipy.linalg import lapack
+
+    c = _strict_only(a)
+    U, info = (lapack.dpotrf if c.dtype == np.float64 else lapack.spotrf)(c.T, lower=0, clean=1)
+    if info != 0:
+        return StrictArray(np.full(c.shape, np.nan))
+    return StrictArray(U.T)
 
 
 def _solve(a, b):

@@ -354,3 +354,12 @@ def test_pipeline_tests_each_statistic_psd_once(compensation, monkeypatch):
     config = pipeline.Config(reduction=0.5, compensation=compensation)
     pipeline.run(tensors, raw.__getitem__, config, xp=np)
     assert calls == ["gram"] * len(names)
+
+
+def test_float32_check_goes_to_eigvalsh(monkeypatch):
+    """In float32 the Cholesky factorization's round-off (n ε ≈ 1e-6 already
+    at n = 12) could pass what eigvalsh refuses: eigvalsh alone decides."""
+    c = _with_spectrum(np.linspace(1, 10, 12)).astype(np.float32)
+    counter = _CountEigvalsh(monkeypatch)
+    stats.validate({"gram": c, "sum": np.ones(12), "rows": 3}, 12, np, np.float32, statistic="gram")
+    assert counter.calls == 1
