@@ -117,10 +117,10 @@ def output_basis(W, C, xp):
       Newton–Schulz steps ``U ← U (I + E/2)``, ``E = I − Uᵀ U`` (one or two:
       ``E`` starts at about ``ε σ_1² / σ_k²``). This Gram route is
       taken in float64 only and when every ``σ_i² ≥`` :data:`GRAM_ROUTE_RTOL`
-      ``· σ_1²`` (it squares the condition number). Otherwise — ``C`` singular
-      (``S = V_C Λ_C^{1/2}``, eigenvalues clipped at 0), ``W S`` of small or
-      zero singular values, or float32 — ``U`` comes from the thin SVD
-      ``B = U Σ Vᵀ``.
+      ``· σ_1²`` (it squares the condition number). Otherwise — ``C`` singular,
+      ``W S`` of small or zero singular values, or float32 — the route is the
+      one before: ``S = V_C Λ_C^{1/2}`` (``eigh(C)``, eigenvalues clipped at
+      0) and the thin SVD ``B = U Σ Vᵀ``.
 
     Parameters
     ----------
@@ -162,20 +162,20 @@ def output_basis(W, C, xp):
     if m <= n:
         s2, U = _descending_eigh(W @ C @ W.T, xp, "output Gram W C Wᵀ")
         return canonical_signs(U, xp), s2
-    gram_route = np.dtype(W.dtype) == np.float64
-    S = cholesky((C + C.T) / 2, xp) if gram_route else None
-    if S is None:  # C singular (or float32): the eigenvalue square root and the thin SVD
-        lam, V = _descending_eigh(C, xp, "statistic C")
-        return _svd_route(W @ (V * xp.sqrt(lam)), xp)
-    B = W @ S
-    s2, V = xp.linalg.eigh(B.T @ B)
-    s2, V = xp.clip(s2[::-1], 0, None), V[:, ::-1]
-    if not float(s2[0]) > 0:
-        raise MrcError("output Gram W C Wᵀ is zero (zero output energy)")
-    if not float(s2[-1]) >= GRAM_ROUTE_RTOL * float(s2[0]):  # W S (near) rank-deficient
-        return _svd_route(B, xp)
-    U = (B @ V) / xp.sqrt(s2)
-    return canonical_signs(_orthonormalize(U, xp), xp), s2
+    if np.dtype(W.dtype) == np.float64:
+        S = cholesky((C + C.T) / 2, xp)
+        if S is not None:  # C definite: the Gram route
+            B = W @ S
+            s2, V = xp.linalg.eigh(B.T @ B)
+            s2, V = xp.clip(s2[::-1], 0, None), V[:, ::-1]
+            if not float(s2[0]) > 0:
+                raise MrcError("output Gram W C Wᵀ is zero (zero output energy)")
+            if float(s2[-1]) >= GRAM_ROUTE_RTOL * float(s2[0]):
+                U = (B @ V) / xp.sqrt(s2)
+                return canonical_signs(_orthonormalize(U, xp), xp), s2
+    # C singular, W S (nearly) rank-deficient, or float32: the eigenvalue square root and the thin SVD
+    lam, V = _descending_eigh(C, xp, "statistic C")
+    return _svd_route(W @ (V * xp.sqrt(lam)), xp)
 
 
 def _orthonormalize(U, xp, steps=3):
