@@ -195,10 +195,13 @@ def count_params(tensors):
     return int(sum(int(np.prod(v.shape)) for v in tensors.values()))
 
 
-def _layer_metric(name, W, raw, config, xp, dtype):
-    """The validated metric ``C`` of layer ``name`` for the configured statistic."""
+def _layer_metric(name, W, raw, config, xp, dtype, psd=True):
+    """The validated metric ``C`` of layer ``name`` for the configured statistic
+    (only the matrix it uses is tested positive semi-definite, and not when
+    ``psd`` is false: Stage 3 re-reads what Stage 1 has tested)."""
     try:
-        return stats.metric(config.statistic, stats.validate(raw, W.shape[1], xp, dtype), W.shape[1], xp)
+        checked = stats.validate(raw, W.shape[1], xp, dtype, statistic=config.statistic, psd=psd)
+        return stats.metric(config.statistic, checked, W.shape[1], xp)
     except MrcError as err:
         raise err.at(layer=name) from None
 
@@ -395,7 +398,9 @@ def _run(tensors, load_stats, config, xp, progress, sequential, files, cache=Non
         else:
             for name in progress(list(factors), f"stage 3 ({compensation} compensation)"):
                 index, W, A, B = factors[name]
-                C = _layer_metric(name, W, load_stats(name), config, xp, dtype)
+                # Stage 1 (here, or the stage1() result) has tested this statistic positive
+                # semi-definite: only the cheap checks run again on the re-read
+                C = _layer_metric(name, W, load_stats(name), config, xp, dtype, psd=False)
                 residuals[name] = compensate.solve(W, A, B, q, C, solver=config.solver, damp=config.damping,
                                                    steps=config.steps, lr=config.lr, seed=config.seed,
                                                    layer_index=index, xp=xp)

@@ -6,6 +6,14 @@ inputs in the model whose earlier layers are already compressed and
 compensated, both computed with the ViT forward pass from the proxy tokens
 (block-0 inputs), in batches of images. The residual is then solved on the
 Grams ``C = XᵀX``, ``K = X̃ᵀX``, ``C̃ = X̃ᵀX̃`` by :func:`mrc_ref.compensate.solve`.
+
+Block passes: the original model does not change, so each block's original
+pass runs once, keeping the inputs ``X`` of all of its target layers (in
+scratch arrays) and advancing the original stream. The compressed model
+changes after every layer, so each target layer needs its own pass of the
+compressed block; that pass stops (a private exception raised from the
+capture hook) as soon as the layer's input ``X̃`` is seen, and a full pass
+advances the compressed stream once the block's last layer is done.
 """
 
 import numpy as np
@@ -25,20 +33,42 @@ def _stage(name):
     raise MrcError("sequential compensation handles the block linears and the head only", layer=name)
 
 
+class _Seen(BaseException):
+    """Raised by a capture hook to end a pass once the input it waits for is
+    seen (a ``BaseException``, so no ``except Exception`` on the way catches it)."""
+
+
 def _inputs(params, stage, h, name, num_heads, xp):
-    """Token rows (rows, n) entering layer ``name`` when ``h`` enters ``stage``."""
+    """Token rows (rows, n) entering layer ``name`` when ``h`` enters ``stage``;
+    the pass of the block (or head) stops there."""
     seen = {}
 
     def hook(layer, x):
         if layer == name:
             seen["x"] = x
+            raise _Seen
 
-    if stage is None:
-        vit.head(params, h, xp, hook=hook)
-    else:
-        vit.block(params, stage, h, num_heads, xp, hook=hook)
+    try:
+        if stage is None:
+            vit.head(params, h, xp, hook=hook)
+        else:
+            vit.block(params, stage, h, num_heads, xp, hook=hook)
+    except _Seen:
+        pass
     x = seen["x"]
     return x.reshape(-1, x.shape[-1])
+
+
+def _capture_block(params, index, h, num_heads, xp, store, sl):
+    """One full pass of block ``index`` on ``h`` (a batch ``sl`` of images):
+    returns the block's output, and writes the input of each layer named in
+    ``store`` into ``store[layer][sl]`` (a host copy, taken when it is seen)."""
+
+    def hook(layer, x):
+        if layer in store:
+            store[layer][sl] = to_host(x)
+
+    return vit.block(params, index, h, num_heads, xp, hook=hook)
 
 
 #: Proxy images per batch of the forward pass **[choice]**: memory is that of
@@ -56,7 +86,8 @@ def compensate_sequential(original, factors, tokens, config, *, num_heads, xp, p
 
     The two token streams (inputs of the current block in the original and in
     the compressed model) live in host arrays from ``scratch``, advanced one
-    block at a time in batches of ``batch`` images; each layer's Grams
+    block at a time in batches of ``batch`` images (a block's original pass
+    once, a stopped compressed pass per layer: see the module docstring); each layer's Grams
     ``C = XᵀX``, ``K = X̃ᵀX``, ``C̃ = X̃ᵀX̃`` are summed over the batches. With
     a disk-backed ``scratch`` the memory used is that of one batch.
 
@@ -75,8 +106,10 @@ def compensate_sequential(original, factors, tokens, config, *, num_heads, xp, p
     progress : callable, optional
         ``progress(iterable, desc) -> iterable``.
     scratch : callable, optional
-        ``scratch(shape, dtype) -> writable host array`` for the two streams;
-        default ``numpy.empty`` (in memory).
+        ``scratch(shape, dtype) -> writable host array`` for the two streams
+        and the original inputs of the current block's layers (one array per
+        layer of a block, reused by the next block); default ``numpy.empty``
+        (in memory).
     batch : int
         Images per forward batch.
     source : str, optional
@@ -104,21 +137,44 @@ def compensate_sequential(original, factors, tokens, config, *, num_heads, xp, p
         if not np.isfinite(part).all():
             raise MrcError(f"proxy/tokens contains NaN or Inf (images {sl.start}–{sl.stop - 1})", file=source)
         streams["original"][sl] = streams["compressed"][sl] = part
-    models = {"original": original, "compressed": compressed}
     done = {}
-    current = 0
+    at = {"original": 0, "compressed": 0}  # the block whose input each stream holds
+    buffers = {}  # (leaf, shape) -> scratch array of original inputs, reused from block to block
+    captured = {}  # layer -> original inputs X of the layers of the block last captured
+
+    def advance(key, model, stop):
+        for index in range(at[key], stop):
+            h = streams[key]
+            for sl in chunks:
+                h[sl] = to_host(vit.block(model, index, xp.asarray(h[sl]), num_heads, xp))
+        at[key] = max(at[key], stop)
+
     for name in progress(order, "stage 3 (sequential compensation)"):
         stage = stages[name]
         target = vit.depth(original) if stage is None else stage
-        for index in range(current, target):  # advance both streams to this layer's block
-            for key, h in streams.items():
-                for sl in chunks:
-                    h[sl] = to_host(vit.block(models[key], index, xp.asarray(h[sl]), num_heads, xp))
-        current = max(current, target)
+        advance("compressed", compressed, target)  # full passes, earlier blocks all compensated
+        if stage is not None and name not in captured:  # one original pass for all of this block's layers
+            advance("original", original, stage)
+            captured = {}
+            for layer in (layer for layer in order if stages[layer] == stage):
+                shape = (count, int(tokens.shape[1]), int(factors[layer][1].shape[1]))
+                key = (layer.split(".", 2)[-1], shape)
+                if key not in buffers:
+                    buffers[key] = scratch(shape, dtype)
+                captured[layer] = buffers[key]
+            h = streams["original"]
+            for sl in chunks:
+                h[sl] = to_host(_capture_block(original, stage, xp.asarray(h[sl]), num_heads, xp, captured, sl))
+            at["original"] = stage + 1
+        elif stage is None:
+            advance("original", original, target)
         n = factors[name][1].shape[1]
         C, K, Ct = (xp.zeros((n, n), dtype=dtype) for _ in range(3))
         for sl in chunks:
-            X = _inputs(original, stage, xp.asarray(streams["original"][sl]), name, num_heads, xp)
+            if stage is None:
+                X = _inputs(original, stage, xp.asarray(streams["original"][sl]), name, num_heads, xp)
+            else:
+                X = xp.asarray(captured[name][sl]).reshape(-1, n)
             Xt = _inputs(compressed, stage, xp.asarray(streams["compressed"][sl]), name, num_heads, xp)
             C += X.T @ X
             K += Xt.T @ X

@@ -378,6 +378,23 @@ def _eigvalsh(a, UPLO="L"):
     return StrictArray(np.linalg.eigvalsh(_strict_only(a), UPLO=UPLO))
 
 
+def _cholesky(a):
+    """``cupy.linalg.cholesky`` without ``cupyx.errstate(linalg="raise")``
+    (which mrc_ref sets on real CuPy): no error on a matrix that is not
+    positive definite, and a factor whose failed pivot is not a positive real
+    (here NaN), so the library's second guard, the factor's diagonal, is what
+    catches it. The factor comes from the LAPACK call mrc_ref makes on NumPy
+    (``potrf`` of the Fortran-ordered transpose), so NumPy and double runs
+    differ only where the array-module discipline does."""
+    from scipy.linalg import lapack
+
+    c = _strict_only(a)
+    U, info = (lapack.dpotrf if c.dtype == np.float64 else lapack.spotrf)(c.T, lower=0, clean=1)
+    if info != 0:
+        return StrictArray(np.full(c.shape, np.nan))
+    return StrictArray(U.T)
+
+
 def _solve(a, b):
     return StrictArray(np.linalg.solve(_strict_only(a), _strict_only(b)))
 
@@ -407,7 +424,7 @@ for _fn in (asarray, empty, zeros, zeros_like, eye, outer, concatenate, cumsum, 
     setattr(xp, _fn.__name__, _fn)
 # defined as _abs etc. so that the builtins stay usable in this file
 xp.abs, xp.sum, xp.max, xp.all, xp.any = _abs, _sum, _max, _all, _any
-xp.linalg = types.SimpleNamespace(eigh=_eigh, eigvalsh=_eigvalsh, svd=_svd, solve=_solve)
+xp.linalg = types.SimpleNamespace(eigh=_eigh, eigvalsh=_eigvalsh, svd=_svd, solve=_solve, cholesky=_cholesky)
 xp.finfo = np.finfo  # CuPy re-exports NumPy's
 xp.float32, xp.float64, xp.int8 = np.float32, np.float64, np.int8  # CuPy's dtypes are NumPy's
 xp.ndarray = StrictArray

@@ -99,3 +99,134 @@ def test_batches_and_disk_scratch_change_nothing(run, tmp_path):
                             sequential=make_sequential(tensors, {"num_heads": "4"}, tokens))
     for a, b in zip(formats.densify(small).values(), formats.densify(whole).values()):
         assert np.linalg.norm(a.astype(np.float64) - b) <= 1e-6 * max(np.linalg.norm(b), 1e-30)
+
+
+# ------------------------------------------------------------------ block passes (issue 19, point 4)
+def _previous_sequential(original, factors, tokens, config, *, num_heads, xp, batch):
+    """The implementation before issue 19, kept as the oracle: every target
+    layer re-runs its block's full pass on both streams."""
+    from mrc_ref.backend import get_dtype, to_host
+    from mrc_ref.sequential import _batches, _stage
+
+    def inputs(params, stage, h, name):
+        seen = {}
+
+        def hook(layer, x):
+            if layer == name:
+                seen["x"] = x
+
+        if stage is None:
+            vit.head(params, h, xp, hook=hook)
+        else:
+            vit.block(params, stage, h, num_heads, xp, hook=hook)
+        return seen["x"].reshape(-1, seen["x"].shape[-1])
+
+    dtype = get_dtype(config.dtype)
+    stages = {name: _stage(name) for name in factors}
+    order = [name for name in vit.linear_names(original) if name in stages]
+    compressed = dict(original)
+    chunks = _batches(int(tokens.shape[0]), batch)
+    streams = {k: np.asarray(tokens, dtype=dtype).copy() for k in ("original", "compressed")}
+    models = {"original": original, "compressed": compressed}
+    done, current = {}, 0
+    for name in order:
+        stage = stages[name]
+        target = vit.depth(original) if stage is None else stage
+        for index in range(current, target):
+            for key, h in streams.items():
+                for sl in chunks:
+                    h[sl] = to_host(vit.block(models[key], index, xp.asarray(h[sl]), num_heads, xp))
+        current = max(current, target)
+        n = factors[name][1].shape[1]
+        C, K, Ct = (xp.zeros((n, n), dtype=dtype) for _ in range(3))
+        for sl in chunks:
+            X = inputs(original, stage, xp.asarray(streams["original"][sl]), name)
+            Xt = inputs(compressed, stage, xp.asarray(streams["compressed"][sl]), name)
+            C += X.T @ X
+            K += Xt.T @ X
+            Ct += Xt.T @ Xt
+        index, W, A, B = factors[name]
+        P, Q, info = compensate.solve(W, A, B, config.residual_rank, C, K=K, Ct=Ct, solver=config.solver,
+                                      damp=config.damping, steps=config.steps, lr=config.lr, seed=config.seed,
+                                      layer_index=index, xp=xp)
+        done[name] = (P, Q, info)
+        del compressed[name + ".weight"]
+        compressed.update({name + ".lowrank_a": A, name + ".lowrank_b": B,
+                           name + ".residual_p": P, name + ".residual_q": Q})
+    return done
+
+
+@pytest.fixture(scope="module")
+def factored():
+    """A 3-block model with every block linear and the head factored at rank 3
+    (float64 Stage-1 factors of the identity metric: any factors will do)."""
+    from mrc_ref import svd
+
+    tensors = synthetic.make_model(5, depth=3, dim=32, num_heads=4)
+    params = vit.prepare(tensors, np)
+    names = [n for n in vit.linear_names(params)]
+    factors = {}
+    for index, name in enumerate(names):
+        W = params[name + ".weight"]
+        A, B = svd.factors(W, svd.output_basis(W, np.eye(W.shape[1]), np)[0], 3)
+        factors[name] = (index, W, A, B)
+    images = np.random.default_rng(2).standard_normal((7, 3, 16, 16))
+    tokens = vit.embed(params, images, np).astype(np.float32)
+    return params, factors, tokens
+
+
+@pytest.mark.parametrize("solver", ["exact", "adam"])
+@pytest.mark.parametrize("batch", [3, 64])
+def test_same_numbers_as_the_previous_implementation(factored, solver, batch, tmp_path):
+    """Bitwise: one original pass per block and stopped compressed passes give
+    the very Grams, hence the very residuals, of the full passes before."""
+    from mrc_ref import sequential
+
+    params, factors, tokens = factored
+    config = pipeline.Config(residual_rank=2, solver=solver, steps=5)
+    old = _previous_sequential(params, factors, tokens, config, num_heads=4, xp=np, batch=batch)
+    with formats.scratch_space(str(tmp_path)) as scratch:
+        for scr in (None, scratch):
+            new = sequential.compensate_sequential(params, factors, tokens, config, num_heads=4, xp=np,
+                                                   batch=batch, scratch=scr)
+            assert list(new) == list(old)
+            for name in old:
+                np.testing.assert_array_equal(new[name][0], old[name][0])
+                np.testing.assert_array_equal(new[name][1], old[name][1])
+                assert new[name][2] == old[name][2]
+
+
+def test_fewer_than_half_the_block_passes(factored, monkeypatch):
+    """Count the passes of vit.block (finished or stopped by the capture) and
+    the linear layers applied, against the previous implementation."""
+    from mrc_ref import sequential
+
+    params, factors, tokens = factored
+    config = pipeline.Config(residual_rank=2, steps=0)
+    real_block, real_linear = vit.block, vit.linear
+    counts = {}
+
+    def block(*args, **kwargs):
+        counts["started"] = counts.get("started", 0) + 1
+        out = real_block(*args, **kwargs)
+        counts["finished"] = counts.get("finished", 0) + 1
+        return out
+
+    def linear(*args, **kwargs):
+        counts["linears"] = counts.get("linears", 0) + 1
+        return real_linear(*args, **kwargs)
+
+    monkeypatch.setattr(vit, "block", block)
+    monkeypatch.setattr(vit, "linear", linear)
+    _previous_sequential(params, factors, tokens, config, num_heads=4, xp=np, batch=64)
+    before, counts = counts, {}
+    sequential.compensate_sequential(params, factors, tokens, config, num_heads=4, xp=np, batch=64)
+    depth, per_block = 3, len(vit.BLOCK_LINEARS)
+    # before: 2 streams x (a pass per target layer + advances to each later block)
+    assert before["started"] == before["finished"] == 2 * (depth * per_block + depth)
+    # now: one original pass per block; per compressed block one stopped pass per layer and one advance
+    assert counts["finished"] == depth + depth
+    assert counts["started"] == depth + depth * per_block + depth
+    assert counts["finished"] < before["finished"] / 2
+    # the linear work (layers applied, head included): well under half
+    assert counts["linears"] < before["linears"] / 2

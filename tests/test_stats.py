@@ -176,3 +176,190 @@ def test_check_declared():
         stats.check_declared("sum", (4, 1), np.float32, (4,))
     with pytest.raises(MrcError, match="no data"):
         stats.check_declared("gram", None, np.float32, (4, 4))
+
+
+# ------------------------------------------------------------------ the cheap PSD test (issue 19, point 1)
+def _with_spectrum(lam, seed=0):
+    """Symmetric ``Q diag(lam) Qᵀ`` for a random orthogonal ``Q``."""
+    n = len(lam)
+    Q = np.linalg.qr(np.random.default_rng(seed).standard_normal((n, n)))[0]
+    c = (Q * np.asarray(lam, dtype=np.float64)) @ Q.T
+    return (c + c.T) / 2
+
+
+def _eig_verdict(c):
+    """The verdict of the eigenvalue test, the oracle: True when c passes."""
+    from mrc_ref.svd import PSD_RTOL
+
+    evals = np.linalg.eigvalsh(c)
+    return bool(evals[0] >= -PSD_RTOL * evals[-1])
+
+
+class _CountEigvalsh:
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        real = np.linalg.eigvalsh
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(np.linalg, "eigvalsh", counted)
+
+
+@pytest.mark.parametrize("case, branch, ok", [
+    ("definite", "cholesky", True),
+    ("singular", "cholesky", True),
+    ("indefinite within the tolerance", "eigvalsh", True),
+    ("indefinite beyond the tolerance", "eigvalsh", False),
+])
+def test_check_psd_branches(case, branch, ok, monkeypatch):
+    """A definite and a singular PSD matrix pass on the Cholesky test alone;
+    an eigenvalue of −0.5 · PSD_RTOL · λ_max (below −δ, since the diagonal is
+    under λ_max) makes Cholesky fail, and eigvalsh passes it; −3 · PSD_RTOL ·
+    λ_max is refused by eigvalsh with the usual message."""
+    from mrc_ref.svd import PSD_RTOL
+
+    n = 12
+    head = np.r_[np.linspace(0.1, 1, n - 5), 10.0]  # λ_max = 10 spread over the diagonal
+    lam = {"definite": np.r_[1.0, 1, 1, 1, 1, head],
+           "singular": np.r_[0.0, 0, 0, 0, 0, head],
+           "indefinite within the tolerance": np.r_[-0.5 * PSD_RTOL * 10, 0, 0, 0, 0, head],
+           "indefinite beyond the tolerance": np.r_[-3 * PSD_RTOL * 10, 0, 0, 0, 0, head],
+           }[case]
+    c = _with_spectrum(lam)
+    assert np.diag(c).max() < 0.5 * 10  # so δ = PSD_RTOL · max diag < 0.5 · PSD_RTOL · λ_max
+    counter = _CountEigvalsh(monkeypatch)
+    if ok:
+        stats.check_psd(c, "gram", np)
+    else:
+        with pytest.raises(MrcError, match=r"^gram is not positive semi-definite \(smallest eigenvalue"):
+            stats.check_psd(c, "gram", np)
+    assert counter.calls == (branch == "eigvalsh")
+    assert _eig_verdict(c) == ok
+
+
+def test_check_psd_zero_diagonal_falls_back():
+    """A non-zero matrix with a zero diagonal (δ = 0) is indefinite: eigvalsh says so."""
+    c = np.array([[0.0, 1.0], [1.0, 0.0]])
+    with pytest.raises(MrcError, match="not positive semi-definite"):
+        stats.check_psd(c, "gram", np)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(2, 24),
+       depth=st.floats(0.0, 3.0), spread=st.floats(0.0, 6.0), zeros=st.integers(0, 5))
+def test_check_psd_verdict_equals_eigvalsh(seed, n, depth, spread, zeros):
+    """Near the boundary (smallest eigenvalue −depth · PSD_RTOL · λ_max, depth
+    in [0, 3], spectra spread over up to 6 decades, some exact zeros) the
+    verdict is the eigenvalue test's. Cases within 1e-6 relative of the
+    threshold itself are left out (there round-off decides either test)."""
+    from mrc_ref.svd import PSD_RTOL
+
+    if abs(depth - 1) < 1e-6:
+        return
+    rng = np.random.default_rng(seed)
+    top = 10.0 ** rng.uniform(-3, 3)
+    rest = top * 10.0 ** -rng.uniform(0, spread, size=max(n - 1, 0))
+    rest[: min(zeros, max(n - 2, 0))] = 0.0
+    lam = np.r_[top, rest]
+    lam[-1] = -depth * PSD_RTOL * top
+    c = _with_spectrum(lam, seed)
+    expected = _eig_verdict(c)
+    try:
+        stats.check_psd(c, "gram", np)
+        got = True
+    except MrcError:
+        got = False
+    assert got == expected
+    try:  # the screen of unused matrices never refuses what the eigenvalue test accepts
+        stats.screen_psd(c, "gram_normalized", np)
+    except MrcError:
+        assert not expected
+
+
+def test_unused_matrix_screened_by_its_2x2_minors():
+    """statistic 'gram' with an indefinite gram_normalized: refused when a
+    2 × 2 principal minor shows it (then eigvalsh words the refusal), passed
+    when the indefinite part is invisible there (unused, not tested further);
+    a PSD matrix whose minors break Cauchy–Schwarz by round-off beyond the
+    screen's tolerance goes to the full test and passes."""
+    _, C, hidden = _hidden_indefinite()
+    visible = C.copy()
+    t = 10 * np.diag(C).max()
+    visible[0, 1] += t
+    visible[1, 0] += t
+    s = {"gram": C, "sum": np.ones(32), "rows": 100}
+    with pytest.raises(MrcError, match=r"^gram_normalized is not positive semi-definite \(smallest eigenvalue"):
+        stats.validate({**s, "gram_normalized": visible}, 32, np, statistic="gram")
+    stats.validate({**s, "gram_normalized": hidden}, 32, np, statistic="gram")
+    v = np.random.default_rng(0).standard_normal(32)
+    rank_one = np.outer(v, v)  # every minor is 0: |c_ij| = √(c_ii c_jj)
+    rank_one[0, 1] = rank_one[1, 0] = rank_one[0, 1] * (1 + 1e-5)  # breaks it by 1e-5, within PSD_RTOL of λ_max
+    assert _eig_verdict(rank_one)
+    stats.validate({**s, "gram_normalized": rank_one}, 32, np, statistic="gram")
+
+
+def test_only_the_statistic_in_use_is_tested_psd(monkeypatch):
+    """statistic='gram' tests gram only, 'per-image' gram_normalized only,
+    'mean-input' and 'weight' neither (their C is PSD by construction); None
+    tests both. The cheap checks still run on every field present."""
+    _, C, bad = _hidden_indefinite()
+    s = {"gram": C, "sum": np.ones(32), "rows": 100, "gram_normalized": bad}
+    with pytest.raises(MrcError, match="gram_normalized is not positive semi-definite"):
+        stats.validate(s, 32, np)
+    with pytest.raises(MrcError, match="gram_normalized is not positive semi-definite"):
+        stats.validate(s, 32, np, statistic="per-image")
+    for statistic in ("gram", "mean-input", "weight"):
+        stats.validate(s, 32, np, statistic=statistic)
+    swapped = {**s, "gram": bad, "gram_normalized": C}
+    with pytest.raises(MrcError, match="^gram is not positive semi-definite"):
+        stats.validate(swapped, 32, np, statistic="gram")
+    for statistic in ("per-image", "mean-input", "weight"):
+        stats.validate(swapped, 32, np, statistic=statistic)
+    stats.validate(swapped, 32, np, statistic="gram", psd=False)
+    # cheap checks on the unused matrix still refuse
+    nan = C.copy()
+    nan[0, 1] = np.nan
+    with pytest.raises(MrcError, match="gram_normalized contains NaN"):
+        stats.validate({**s, "gram_normalized": nan}, 32, np, statistic="gram")
+    with pytest.raises(MrcError, match="gram contains NaN"):
+        stats.validate({**s, "gram": nan}, 32, np, statistic="per-image", psd=False)
+    with pytest.raises(MrcError, match="unknown statistic"):
+        stats.validate(s, 32, np, statistic="nope")
+    # one PSD test per validate, on the one matrix used
+    calls = []
+    real = stats.check_psd
+    monkeypatch.setattr(stats, "check_psd", lambda c, what, xp: calls.append(what) or real(c, what, xp))
+    stats.validate(swapped, 32, np, statistic="per-image")
+    assert calls == ["gram_normalized"]
+
+
+@pytest.mark.parametrize("compensation", ["local", "none"])
+def test_pipeline_tests_each_statistic_psd_once(compensation, monkeypatch):
+    """Local Stage 3 re-reads each layer's statistic, but the PSD test runs
+    once per layer (in Stage 1), on the matrix of the statistic in use."""
+    from data_tools import synthetic
+    from mrc_ref import pipeline
+
+    tensors = synthetic.make_model(1, depth=1, dim=32, num_heads=4)
+    names = pipeline.select_layers(tensors, pipeline.DEFAULT_LAYERS)
+    raw = synthetic.make_statistics(tensors, names, seed=1)
+    calls = []
+    real = stats.check_psd
+    monkeypatch.setattr(stats, "check_psd", lambda c, what, xp: calls.append(what) or real(c, what, xp))
+    config = pipeline.Config(reduction=0.5, compensation=compensation)
+    pipeline.run(tensors, raw.__getitem__, config, xp=np)
+    assert calls == ["gram"] * len(names)
+
+
+def test_float32_check_goes_to_eigvalsh(monkeypatch):
+    """In float32 the Cholesky factorization's round-off (n ε ≈ 1e-6 already
+    at n = 12) could pass what eigvalsh refuses: eigvalsh alone decides."""
+    c = _with_spectrum(np.linspace(1, 10, 12)).astype(np.float32)
+    counter = _CountEigvalsh(monkeypatch)
+    stats.validate({"gram": c, "sum": np.ones(12), "rows": 3}, 12, np, np.float32, statistic="gram")
+    assert counter.calls == 1

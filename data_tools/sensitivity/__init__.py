@@ -225,7 +225,8 @@ def layer_sensitivity(tensors, load_stats, tokens, *, num_heads, names, statisti
     for name in progress(list(names), "stage 1 (activation-aware SVD)"):
         W = xp.asarray(tensors[name + ".weight"], dtype=dtype)
         try:
-            C = stats.metric(statistic, stats.validate(load_stats(name), W.shape[1], xp, dtype), W.shape[1], xp)
+            checked = stats.validate(load_stats(name), W.shape[1], xp, dtype, statistic=statistic)
+            C = stats.metric(statistic, checked, W.shape[1], xp)
             U, s2 = svd.output_basis(W, C, xp)
         except MrcError as err:
             raise err.at(file=files[1], layer=name) from None

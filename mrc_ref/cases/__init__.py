@@ -336,7 +336,7 @@ def read_case(directory):
             raise MrcError(f"expects values for layer {name!r}, which config.json does not select", file=path)
         W = np.asarray(tensors[name + ".weight"], dtype=np.float64)
         n = W.shape[1]
-        C = stats.metric(config.statistic, stats.validate(raw[name], n, np), n, np)
+        C = stats.metric(config.statistic, stats.validate(raw[name], n, np, statistic=config.statistic), n, np)
         layers[name] = {"W": W, "C": C, "shape": W.shape, "stats": raw[name], "expected": exp}
     alloc = expected["allocation"]
     try:

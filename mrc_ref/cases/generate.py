@@ -341,7 +341,7 @@ def check_attainable(case_id, doc, tensors, raw, config, tolerances):
     for name, layer in doc["layers"].items():
         W = np.asarray(tensors[name + ".weight"], dtype=np.float64)
         n = W.shape[1]
-        C = stats.metric(config.statistic, stats.validate(raw[name], n, np), n, np)
+        C = stats.metric(config.statistic, stats.validate(raw[name], n, np, statistic=config.statistic), n, np)
         curve = certificates.optimal_nmse_curve(W, C)
         for r, item in layer["stage1"].items():
             off = abs(float(curve[min(r, len(curve) - 1)]) - item["nmse"])

@@ -81,7 +81,7 @@ def expected_values(tensors, metadata, raw_stats, config, *, probes=None, tokens
     for entry in report["layers"]:
         name, (m, n) = entry["name"], entry["shape"]
         W = np.asarray(tensors[name + ".weight"], dtype=np.float64)
-        C = stats.metric(config.statistic, stats.validate(raw_stats[name], n, np), n, np)
+        C = stats.metric(config.statistic, stats.validate(raw_stats[name], n, np, statistic=config.statistic), n, np)
         U, s2 = svd.output_basis(W, C, np)
         curve = svd.nmse_curve(s2, np)
         names.append(name)

@@ -222,7 +222,8 @@ def energy_figure(weights, acts, tensors, caches, block, *, xp, dtype):
                 continue
             W = xp.asarray(tensors[name + ".weight"], dtype=dtype)
             n = W.shape[1]
-            C = stats.metric("gram", stats.validate(_load_stats(f, acts, tensors)(name), n, xp, dtype), n, xp)
+            checked = stats.validate(_load_stats(f, acts, tensors)(name), n, xp, dtype, statistic="gram")
+            C = stats.metric("gram", checked, n, xp)
             U_w, weight_curve = caches["weight"]["layers"][name]
             out[name] = {"shape": list(W.shape),
                          "activation_aware": (1 - caches["gram"]["layers"][name][1]).tolist(),
@@ -281,7 +282,8 @@ def layer_certificates(weights, acts, tensors, compressed, *, xp, dtype, layers=
                 continue
             W = np.asarray(tensors[name + ".weight"], dtype=np.float64)
             n = W.shape[1]
-            C = to_host(stats.metric("gram", stats.validate(_load_stats(f, acts, tensors)(name), n, np, np.float64),
+            C = to_host(stats.metric("gram", stats.validate(_load_stats(f, acts, tensors)(name), n, np, np.float64,
+                                                         statistic="gram"),
                                      n, np))
             cert = certs.certify_stage1(W, C, compressed[name + ".lowrank_a"].astype(np.float64),
                                           compressed[name + ".lowrank_b"].astype(np.float64))

@@ -497,7 +497,7 @@ def verify_files(compressed, weights, acts, *, reduction=None, budget=None, laye
             layer = read_layer(tensors, lora, name, m, n, compressed, scaling, stored_names, half_steps)
             try:
                 raw = formats.read_layer_stats(f, name, acts, n=n)
-                C = stats.metric(statistic, stats.validate(raw, n, np), n, np)
+                C = stats.metric(statistic, stats.validate(raw, n, np, statistic=statistic), n, np)
                 entry, curve = certify_layer(name, W, C, layer, rtol, atol, rank_rtol)
             except MrcError as err:
                 raise MrcError(err.message, file=acts, layer=name) from None
