@@ -689,3 +689,30 @@ def test_threaded_engine_matches_transformers():
         ours = vit.forward(tensors, x, metadata=metadata, engine=engine)
         scale = max(1.0, float(np.abs(ref).max()))
         assert np.abs(ours - ref).max() <= HF_RTOL * scale, engine
+
+
+def test_capture_through_the_engine_matches_the_plain_route(monkeypatch):
+    """data_tools.capture (hook + out_hook) on the threaded engine against
+    the plain route (the engine switched off): the statistics agree to
+    round-off, float64."""
+    from data_tools.capture import capture_statistics
+
+    rng = np.random.default_rng(46)
+    params = random_params(rng, dim=64, mlp=96, depth=2, grid=3)
+    comp, _ = compress(params, rng, ["blocks.0.mlp.fc1", "blocks.1.attn.proj"], rank=4, residual=2)
+    x = images_for(params, 7, rng)
+    batches = [x[:3], x[3:]]
+    monkeypatch.setattr(vit, "MIN_WORK", 0)
+    monkeypatch.setenv("MRC_THREADS", "2")
+    for model in (params, comp):
+        got, proxy = capture_statistics(model, batches, num_heads=4, proxy_images=5, xp=np)
+        with monkeypatch.context() as m:
+            m.setattr(vit, "_engine_block", lambda *a, **k: None)  # the plain route
+            ref, proxy_ref = capture_statistics(model, batches, num_heads=4, proxy_images=5, xp=np)
+        np.testing.assert_array_equal(proxy, proxy_ref)
+        assert sorted(got) == sorted(ref)
+        for name, st in ref.items():
+            assert got[name]["rows"] == st["rows"]
+            for key in ("gram", "sum", "gram_normalized"):
+                scale = np.abs(st[key]).max()
+                assert np.abs(got[name][key] - st[key]).max() <= 1e-13 * scale, (name, key)
