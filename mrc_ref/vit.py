@@ -822,6 +822,19 @@ _POOL_LOCK = threading.Lock()
 _POOL = [None, 0]  # executor, workers
 
 
+def _after_fork_in_child():
+    """A forked child has none of the parent's threads: start afresh (a new
+    pool on first use, unlocked locks, BLAS threads found again)."""
+    global _POOL_LOCK
+    _POOL_LOCK = threading.Lock()
+    _POOL[0], _POOL[1] = None, 0
+    _BLAS.__init__()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _pool(workers):
     with _POOL_LOCK:
         if _POOL[1] < workers:

@@ -716,3 +716,35 @@ def test_capture_through_the_engine_matches_the_plain_route(monkeypatch):
             for key in ("gram", "sum", "gram_normalized"):
                 scale = np.abs(st[key]).max()
                 assert np.abs(got[name][key] - st[key]).max() <= 1e-13 * scale, (name, key)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_engine_runs_in_a_forked_child():
+    """A child forked after the pool started has none of its threads: the
+    engine starts a new pool there instead of waiting on dead workers."""
+    import os
+
+    rng = np.random.default_rng(47)
+    params = vit.prepare(random_params(rng, dim=64, mlp=96, depth=1, grid=3), np)
+    x = images_for(params, 4, rng).astype(np.float64)
+    engine = vit.Engine(threads=2, min_work=0)
+    ref = vit.forward(params, x, num_heads=4, engine=engine)  # the pool exists now
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: must finish, and with the same numbers
+        try:
+            ok = np.array_equal(vit.forward(params, x, num_heads=4, engine=engine), ref)
+            os.write(write, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    import time
+
+    deadline = time.monotonic() + 120
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child did not finish its forward pass (waiting on dead workers?)")
+    assert os.read(read, 1) == b"1" and done[1] == 0
