@@ -644,6 +644,10 @@ DEFAULT_CHUNK = 1 << 16
 #: threads **[choice]**: below it (the embedded example's width-64 model) a
 #: thread hand-off costs more than it saves.
 MIN_WORK = 1 << 18
+#: Fewest token rows per thread **[choice]**: OpenBLAS takes other kernels for
+#: products of a few rows (their rows then differ in the last bits from the
+#: same rows in a larger product); 64 rows keep the parts on the large kernels.
+MIN_ROWS = 64
 
 
 def _positive(name, value, minimum=1):
@@ -681,7 +685,7 @@ class Engine:
         Python threads (>= 1). Default: ``$MRC_THREADS``, else the BLAS
         thread count of the process (so ``OPENBLAS_NUM_THREADS=1`` or a
         ``threadpoolctl`` limit of 1 also gives one thread); never more than
-        half the rows. Where BLAS threads cannot be set (no OpenBLAS and no
+        one per ``min_rows`` rows. Where BLAS threads cannot be set (no OpenBLAS and no
         threadpoolctl), one thread, since two levels of threads oversubscribe
         the cores (measured: 2x slower products, 10x slower attention).
     chunk : int, optional
@@ -690,6 +694,9 @@ class Engine:
     min_work : int, optional
         Fewest ``N T D`` elements for which the rows are split (>= 0);
         default :data:`MIN_WORK`.
+    min_rows : int, optional
+        Fewest token rows per thread (>= 2: one row would be a matrix-vector
+        product); default :data:`MIN_ROWS`.
 
     Notes
     -----
@@ -700,15 +707,17 @@ class Engine:
     threads. tests/test_vit.py checks this bit for bit.
     """
 
-    __slots__ = ("threads", "chunk", "min_work")
+    __slots__ = ("threads", "chunk", "min_work", "min_rows")
 
-    def __init__(self, threads=None, chunk=None, min_work=None):
+    def __init__(self, threads=None, chunk=None, min_work=None, min_rows=None):
         self.threads = None if threads is None else _positive("threads", threads)
         self.chunk = None if chunk is None else _positive("chunk", chunk)
         self.min_work = MIN_WORK if min_work is None else _positive("min_work", min_work, 0)
+        self.min_rows = MIN_ROWS if min_rows is None else _positive("min_rows", min_rows, 2)
 
     def __repr__(self):
-        return f"Engine(threads={self.threads}, chunk={self.chunk}, min_work={self.min_work})"
+        return (f"Engine(threads={self.threads}, chunk={self.chunk}, min_work={self.min_work}, "
+                f"min_rows={self.min_rows})")
 
     def resolved_threads(self):
         """The thread count: the argument, ``$MRC_THREADS``, or the BLAS threads."""
@@ -1013,7 +1022,7 @@ def _engine_block(params, index, h, num_heads, hook, out_hook, engine):
 
     rows = n_img * t
     threads = engine.resolved_threads() if n_img * t * d >= engine.min_work else 1
-    threads = max(1, min(threads, rows // 2, n_img * num_heads))
+    threads = max(1, min(threads, rows // engine.min_rows, n_img * num_heads))
     if threads > 1 and not _BLAS.available():
         threads = 1
     chunk = engine.resolved_chunk()

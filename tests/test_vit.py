@@ -484,8 +484,13 @@ def test_malformed_factors_are_left_to_linear():
 #: (OpenBLAS float64 products with k = 64 differ in the last bit between 1 and
 #: 2 threads). Measured: 3.6e-7 (float32), 8.4e-16 (float64) of the scale.
 ENGINE_RTOL = {np.float32: 1e-6, np.float64: 1e-14}
-ENGINES = [vit.Engine(threads=1, min_work=0), vit.Engine(threads=2, min_work=0),
-           vit.Engine(threads=3, chunk=100, min_work=0), vit.Engine(threads=2, chunk=1, min_work=0)]
+def _engine(**kw):
+    """An engine that splits even the tiny test models (no work or row minimum)."""
+    return vit.Engine(min_work=0, min_rows=2, **kw)
+
+
+ENGINES = [_engine(threads=1), _engine(threads=2),
+           _engine(threads=3, chunk=100), _engine(threads=2, chunk=1)]
 
 
 def _forward(params, x, heads, dtype, engine, **kw):
@@ -516,7 +521,7 @@ def test_engine_numbers_do_not_depend_on_threads_or_chunks(dtype):
     rng = np.random.default_rng(41)
     params = random_params(rng, dim=192, mlp=384, depth=2, grid=7)
     x = images_for(params, 3, rng)
-    outs = [_forward(params, x, 3, dtype, e) for e in ENGINES + [vit.Engine(threads=1, chunk=10**9, min_work=0)]]
+    outs = [_forward(params, x, 3, dtype, e) for e in ENGINES + [_engine(threads=1, chunk=10**9)]]
     for out in outs[1:]:
         np.testing.assert_array_equal(out, outs[0])
     if dtype == np.float32:  # float32 products do not depend on the BLAS thread count either: same as plain
@@ -530,7 +535,7 @@ def test_engine_hooks_see_the_plain_inputs_and_outputs(dtype):
     x = images_for(params, 3, rng).astype(dtype)
     h = vit.embed(params, x, np)
     runs = {}
-    for label, engine in (("plain", "plain"), ("engine", vit.Engine(threads=2, min_work=0))):
+    for label, engine in (("plain", "plain"), ("engine", _engine(threads=2))):
         calls, kept = [], []
 
         def hook(name, a, calls=calls, kept=kept):
@@ -554,11 +559,11 @@ def test_engine_hooks_see_the_plain_inputs_and_outputs(dtype):
     assert np.abs(out - ref).max() <= ENGINE_RTOL[dtype] * np.abs(ref).max()
     # only hook (no out_hook), and only out_hook: same inputs again (the buffers reused otherwise)
     seen = {}
-    vit.blocks(params, h, 4, np, hook=lambda n, a: seen.__setitem__(n, a), engine=vit.Engine(threads=2, min_work=0))
+    vit.blocks(params, h, 4, np, hook=lambda n, a: seen.__setitem__(n, a), engine=_engine(threads=2))
     for _, name, a in (c for c in eng if c[0] == "in"):
         np.testing.assert_array_equal(seen[name], a)
     seen.clear()
-    vit.blocks(params, h, 4, np, out_hook=lambda n, a: seen.__setitem__(n, a), engine=vit.Engine(threads=2, min_work=0))
+    vit.blocks(params, h, 4, np, out_hook=lambda n, a: seen.__setitem__(n, a), engine=_engine(threads=2))
     for _, name, a in (c for c in eng if c[0] == "out"):
         np.testing.assert_array_equal(seen[name], a)
 
@@ -571,7 +576,7 @@ def test_engine_leaves_the_input_and_blas_threads_alone():
     threads = vit._BLAS.threads()
     during = []
     vit.block(params, 0, h, 4, np, hook=lambda n, a: during.append(vit._BLAS.threads()),
-              engine=vit.Engine(threads=2, min_work=0))
+              engine=_engine(threads=2))
     np.testing.assert_array_equal(h, before)
     assert vit._BLAS.threads() == threads and set(during) == {threads}  # hooks run at the full BLAS count
     if vit._BLAS.available():
@@ -588,24 +593,27 @@ def test_engine_steps_aside_where_it_cannot_run(monkeypatch):
     used = []
     real_pool = vit._pool
     monkeypatch.setattr(vit, "_pool", lambda n: used.append(n) or real_pool(n))
-    vit.forward(params, x, num_heads=4, engine=vit.Engine(threads=2, min_work=0))
+    vit.forward(params, x, num_heads=4, engine=_engine(threads=2))
     assert used == ([1] * 3 if vit._BLAS.available() else [])  # without hooks: three hand-offs (rows, heads, rows)
     used.clear()
     monkeypatch.setattr(vit._BLAS, "_controls", [])
-    out = vit.forward(params, x, num_heads=4, engine=vit.Engine(threads=2, min_work=0))
+    out = vit.forward(params, x, num_heads=4, engine=_engine(threads=2))
     assert used == [] and np.abs(out - ref).max() <= 1e-14 * np.abs(ref).max()
     monkeypatch.undo()
-    # below min_work: one thread
+    # below min_work, or fewer than 2 x min_rows rows (here 40): one thread
     used.clear()
     monkeypatch.setattr(vit, "_pool", lambda n: used.append(n) or real_pool(n))
-    vit.forward(params, x, num_heads=4, engine=vit.Engine(threads=2))
+    vit.forward(params, x, num_heads=4, engine=vit.Engine(threads=2, min_rows=2))
+    vit.forward(params, x, num_heads=4, engine=vit.Engine(threads=2, min_work=0, min_rows=21))
     assert used == []
+    vit.forward(params, x, num_heads=4, engine=vit.Engine(threads=2, min_work=0, min_rows=20))
+    assert used == [1] * 3
     mixed = dict(params, **{"blocks.0.mlp.fc1.weight": params["blocks.0.mlp.fc1.weight"].astype(np.float32)})
-    np.testing.assert_array_equal(vit.forward(mixed, x, num_heads=4, engine=vit.Engine(threads=2, min_work=0)),
+    np.testing.assert_array_equal(vit.forward(mixed, x, num_heads=4, engine=_engine(threads=2)),
                                   vit.forward(mixed, x, num_heads=4, engine="plain"))
     missing = {k: v for k, v in params.items() if not k.startswith("blocks.0.mlp.fc2")}
     with pytest.raises(MrcError, match="layer blocks.0.mlp.fc2"):
-        vit.forward(missing, x, num_heads=4, engine=vit.Engine(threads=2, min_work=0))
+        vit.forward(missing, x, num_heads=4, engine=_engine(threads=2))
 
 
 def test_engine_settings(monkeypatch):
@@ -616,6 +624,8 @@ def test_engine_settings(monkeypatch):
     for bad in (0, -1, 1.5, "x", True):
         with pytest.raises(ConfigError, match="threads"):
             vit.Engine(threads=bad)
+    with pytest.raises(ConfigError, match="min_rows"):
+        vit.Engine(min_rows=1)
     with pytest.raises(ConfigError, match="chunk"):
         vit.Engine(chunk=0)
     monkeypatch.setenv("MRC_THREADS", "3")
@@ -703,6 +713,7 @@ def test_capture_through_the_engine_matches_the_plain_route(monkeypatch):
     x = images_for(params, 7, rng)
     batches = [x[:3], x[3:]]
     monkeypatch.setattr(vit, "MIN_WORK", 0)
+    monkeypatch.setattr(vit, "MIN_ROWS", 2)
     monkeypatch.setenv("MRC_THREADS", "2")
     for model in (params, comp):
         got, proxy = capture_statistics(model, batches, num_heads=4, proxy_images=5, xp=np)
@@ -727,7 +738,7 @@ def test_engine_runs_in_a_forked_child():
     rng = np.random.default_rng(47)
     params = vit.prepare(random_params(rng, dim=64, mlp=96, depth=1, grid=3), np)
     x = images_for(params, 4, rng).astype(np.float64)
-    engine = vit.Engine(threads=2, min_work=0)
+    engine = _engine(threads=2)
     ref = vit.forward(params, x, num_heads=4, engine=engine)  # the pool exists now
     read, write = os.pipe()
     pid = os.fork()

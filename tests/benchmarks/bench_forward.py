@@ -103,8 +103,8 @@ def median_times(fns, repeats):
 
 def model(label, blocks=None, seed=0):
     c = SHAPES[label]
-    params = random_vit(np.random.default_rng(seed), dim=c["dim"], depth=blocks or c["depth"], mlp=c["mlp"], classes=1000,
-                        patch=c["patch"], grid=c["grid"], dtype=np.float32)
+    params = random_vit(np.random.default_rng(seed), dim=c["dim"], depth=blocks or c["depth"], mlp=c["mlp"],
+                        classes=1000, patch=c["patch"], grid=c["grid"], dtype=np.float32)
     return params, c["heads"]
 
 
