@@ -15,13 +15,22 @@ The parameters are a flat mapping in timm's state-dict layout::
 Any linear layer may instead be stored *compressed*: ``<name>.lowrank_a``
 (m, r) and ``<name>.lowrank_b`` (r, n), optionally ``<name>.residual_p``
 (m, q) and ``<name>.residual_q`` (q, n), and ``<name>.bias`` (m,); its
-weight ``W = A B + P Q`` is applied factor by factor, never formed.
+weight ``W = A B + P Q`` is never formed: :func:`prepare` lays the factors
+out as views of one pair ``L = [A P]``, ``R = [B; Q]`` and :func:`linear`
+applies ``(x Rᵀ) Lᵀ`` (factor by factor when they are not such views).
 Any of these matrices may be stored int8 with a per-row ``<key>.scale``
 (:mod:`mrc_ref.quantize`); :func:`prepare` dequantizes them.
 
 Every function takes the array module ``xp`` explicitly; the parameters
 must already live in ``xp`` (see :func:`prepare`), except in
 :func:`forward`, which prepares them itself. Math is in float64 by default.
+
+On NumPy, :func:`block` runs on the forward engine (:class:`Engine`, the
+last section of this module: threads over the token rows with BLAS at one
+thread, in-place chunked elementwise steps), the one place where threads and
+chunks live; on CuPy, and with ``engine="plain"``, on the plain route
+(:func:`layer_norm`, :func:`attention`, :func:`mlp`). Both give the same
+numbers to round-off (docs/performance.md, "The forward pass").
 """
 
 import ctypes
