@@ -220,6 +220,20 @@ def test_forward(runs, model):
     close(ref, on_gpu(vit.forward(vit.prepare(params, cp), cp.asarray(x), num_heads=4)), FORWARD_RTOL)
 
 
+def test_prepare_stacks_factors_on_the_gpu(runs):
+    """vit.prepare lays each factored layer with a residual out as views of
+    L = [A P] and R = [B; Q] on CuPy too (issue 19, point 5)."""
+    params = runs[np, "sequential"][0]
+    prepared = vit.prepare(params, cp)
+    names = [n for n in layout.factored_layers(prepared) if f"{n}.residual_p" in prepared]
+    assert names
+    for name in names:
+        pair = vit.stacked_factors(*(prepared[layout.factor_key(name, s)] for s in layout.FACTOR_SUFFIXES))
+        assert pair is not None and isinstance(pair[0], cp.ndarray), name
+        own = {k: np.asarray(v, dtype=np.float64) for k, v in params.items() if k.startswith(name + ".")}
+        close(layout.dense_weight(own, name, np), on_gpu(pair[0] @ pair[1]), 1e-12)
+
+
 def test_evaluate_logits():
     from mrc_ref.evaluate import model_logits
 

@@ -6,6 +6,7 @@ path, and explicit loops for the patch embedding and GELU.
 """
 
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -203,7 +204,8 @@ def test_compressed_layer_is_never_densified():
 
     x = np.random.default_rng(2).standard_normal((2, 10, 32))
     prepared = vit.prepare(comp, np)
-    spied = {k: (v.view(Spy) if ".mlp.fc1." in k else v) for k, v in prepared.items()}
+    # unstacked factors (each its own array: copies, as a hand-built dict has them)
+    spied = {k: (v.copy().view(Spy) if ".mlp.fc1." in k else v) for k, v in prepared.items()}
     y = vit.linear(spied, "blocks.0.mlp.fc1", x, np)
     # exactly (x B^T) A^T and (x Q^T) P^T: four products, each of the 20
     # token rows (any leading shape) with one factor; no factor-by-factor
@@ -213,6 +215,11 @@ def test_compressed_layer_is_never_densified():
     p, q = comp["blocks.0.mlp.fc1.residual_p"], comp["blocks.0.mlp.fc1.residual_q"]
     ref = x @ (a @ b + p @ q).T + comp["blocks.0.mlp.fc1.bias"]
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-12, atol=1e-12)
+    # the stacked pair of prepare: two products, (x R^T) with R (r + q, n), then L (m, r + q)
+    shapes.clear()
+    y2 = vit.linear(prepared, "blocks.0.mlp.fc1", x.view(Spy), np)
+    assert shapes == [((20, 32), (32, 3)), ((20, 3), (3, 64))], shapes  # fc1: m = 64
+    np.testing.assert_allclose(np.asarray(y2), ref, rtol=1e-12, atol=1e-12)
 
 
 def test_linear_errors_name_the_layer():
@@ -370,3 +377,385 @@ def test_depth_rejects_gaps():
     gap = {k: v for k, v in params.items() if not k.startswith("blocks.1.")}
     with pytest.raises(MrcError, match="blocks.1"):
         vit.depth(gap)
+
+
+# ----------------------------------------------------------------- stacked factors (issue 19, point 5)
+#: Stacked vs unstacked: the same products summed in another order. Measured
+#: in the issue's prototype: 5e-7 (float32) and 9e-16 (float64) of the scale.
+STACK_RTOL = {np.float32: 5e-7, np.float64: 9e-16}
+
+
+def _unstacked(prepared):
+    """The prepared dict with every factor its own contiguous array (no stacked pair)."""
+    return {k: (v.copy() if k.endswith(("lowrank_a", "lowrank_b", "residual_p", "residual_q")) else v)
+            for k, v in prepared.items()}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_prepare_stacks_factors_into_one_pair(dtype):
+    rng = np.random.default_rng(30)
+    params = random_params(rng, dim=64, mlp=128, depth=2, grid=3)
+    names = vit.linear_names(params)
+    comp, dense = compress(params, rng, names, rank=6, residual=3)
+    prepared = vit.prepare(comp, np, dtype)
+    for k, name in enumerate(names):
+        a, b = prepared[f"{name}.lowrank_a"], prepared[f"{name}.lowrank_b"]
+        if k % 2:  # no residual: nothing to stack
+            assert f"{name}.residual_p" not in prepared and a.base is None
+            continue
+        p, q = prepared[f"{name}.residual_p"], prepared[f"{name}.residual_q"]
+        left, right = vit.stacked_factors(a, b, p, q)
+        assert left.shape == (a.shape[0], 9) and right.shape == (9, b.shape[1])
+        np.testing.assert_array_equal(left, np.concatenate([comp[f"{name}.lowrank_a"], comp[f"{name}.residual_p"]], 1)
+                                      .astype(dtype))
+        np.testing.assert_array_equal(right, np.concatenate([comp[f"{name}.lowrank_b"], comp[f"{name}.residual_q"]])
+                                      .astype(dtype))
+        assert vit.stacked_factors(a.copy(), b, p, q) is None and vit.stacked_factors(a, b, None, None) is None
+    # a prepared dict passes through prepare unchanged (same arrays)
+    again = vit.prepare(prepared, np, dtype)
+    assert all(again[k] is prepared[k] for k in prepared)
+    # the stored tensors are untouched (the format is not the forward's)
+    assert all(comp[k].base is None for k in comp if k.endswith("residual_p"))
+    x = images_for(params, 3, rng)
+    stacked = vit.forward(prepared, x, num_heads=4, dtype=dtype)
+    plain = vit.forward(_unstacked(prepared), x, num_heads=4, dtype=dtype)
+    ref = vit.forward(dense, x, num_heads=4)  # float64, dense W = A B + P Q: the independent oracle
+    scale = np.abs(plain).max()
+    assert np.abs(stacked - plain).max() <= STACK_RTOL[dtype] * scale
+    tol = 1e-10 if dtype == np.float64 else 1e-4
+    assert np.abs(stacked - ref).max() <= tol * np.abs(ref).max()
+
+
+def test_stacked_pair_never_goes_stale():
+    rng = np.random.default_rng(31)
+    params = random_params(rng)
+    comp, _ = compress(params, rng, ["blocks.0.mlp.fc1"], rank=3, residual=2)
+    prepared = vit.prepare(comp, np)
+    name = "blocks.0.mlp.fc1"
+    x = rng.standard_normal((2, 5, 32))
+    # writing into a view writes into the pair
+    prepared[f"{name}.residual_p"][...] *= 2.0
+    a, b, p, q = (prepared[f"{name}.{s}"] for s in ("lowrank_a", "lowrank_b", "residual_p", "residual_q"))
+    ref = x @ (a @ b + p @ q).T + prepared[f"{name}.bias"]
+    np.testing.assert_allclose(vit.linear(prepared, name, x, np), ref, rtol=1e-12, atol=1e-12)
+    # replacing a key (as sequential Stage 3 does) leaves the pair behind: factor by factor
+    new_p = rng.standard_normal(p.shape)
+    prepared[f"{name}.residual_p"] = new_p
+    assert vit.stacked_factors(a, b, new_p, q) is None
+    ref = x @ (a @ b + new_p @ q).T + prepared[f"{name}.bias"]
+    np.testing.assert_allclose(vit.linear(prepared, name, x, np), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_int8_factors_are_stacked_after_dequantization():
+    from mrc_ref import quantize
+
+    rng = np.random.default_rng(32)
+    params = random_params(rng, depth=1)
+    comp, _ = compress(params, rng, ["blocks.0.mlp.fc1", "blocks.0.attn.qkv"], rank=4, residual=2)
+    q8 = quantize.quantize_tensors({k: v.astype(np.float32) for k, v in comp.items()})
+    assert q8["blocks.0.mlp.fc1.residual_p"].dtype == np.int8
+    prepared = vit.prepare(q8, np)
+    name = "blocks.0.mlp.fc1"
+    factors = [prepared[f"{name}.{s}"] for s in ("lowrank_a", "lowrank_b", "residual_p", "residual_q")]
+    assert vit.stacked_factors(*factors) is not None
+    deq = quantize.dequantize_tensors(q8, np)
+    for s, f in zip(("lowrank_a", "lowrank_b", "residual_p", "residual_q"), factors):
+        np.testing.assert_array_equal(f, deq[f"{name}.{s}"])
+    x = images_for(params, 2, rng)
+    out = vit.forward(prepared, x, num_heads=2)
+    ref = vit.forward(_unstacked(prepared), x, num_heads=2)
+    assert np.abs(out - ref).max() <= STACK_RTOL[np.float64] * np.abs(ref).max()
+
+
+def test_malformed_factors_are_left_to_linear():
+    rng = np.random.default_rng(33)
+    params = random_params(rng)
+    comp, _ = compress(params, rng, ["blocks.0.attn.proj"], rank=2, residual=1)
+    comp["blocks.0.attn.proj.residual_q"] = np.zeros((1, 5))  # does not chain
+    prepared = vit.prepare(comp, np)  # no error here
+    assert prepared["blocks.0.attn.proj.residual_p"].base is None
+    with pytest.raises(MrcError, match="blocks.0.attn.proj.*do not match"):
+        vit.forward(prepared, images_for(params, 1, rng), num_heads=2)
+
+
+# ----------------------------------------------------------------- the NumPy engine (issue 19, point 3)
+#: Engine vs plain route: identical but for q scaled before q kᵀ (exact when
+#: d_h^{-1/2} is a power of two) and the attention products at one BLAS thread
+#: (OpenBLAS float64 products with k = 64 differ in the last bit between 1 and
+#: 2 threads). Measured: 3.6e-7 (float32), 8.4e-16 (float64) of the scale.
+ENGINE_RTOL = {np.float32: 1e-6, np.float64: 1e-14}
+def _engine(**kw):
+    """An engine that splits even the tiny test models (no work or row minimum)."""
+    return vit.Engine(min_work=0, min_rows=2, **kw)
+
+
+ENGINES = [_engine(threads=1), _engine(threads=2),
+           _engine(threads=3, chunk=100), _engine(threads=2, chunk=1)]
+
+
+def _forward(params, x, heads, dtype, engine, **kw):
+    return vit.forward(params, x, num_heads=heads, dtype=dtype, engine=engine, **kw)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("batch", [1, 3, 4])
+@pytest.mark.parametrize("width,heads", [(128, 2), (96, 4)])  # head size 64, and 24 (scale not a power of 2)
+def test_engine_matches_plain_route(dtype, batch, width, heads):
+    rng = np.random.default_rng(40 + batch)
+    params = random_params(rng, dim=width, mlp=2 * width, depth=2, grid=4, dist=batch == 3)
+    comp, _ = compress(params, rng, ["blocks.0.mlp.fc1", "blocks.1.attn.qkv", "blocks.1.mlp.fc2"], rank=5, residual=3)
+    x = images_for(params, batch, rng)
+    for model in (params, comp):
+        ref = _forward(model, x, heads, dtype, "plain")
+        scale = np.abs(ref).max()
+        for engine in ENGINES:
+            out = _forward(model, x, heads, dtype, engine)
+            assert out.dtype == dtype and out.shape == ref.shape
+            assert np.abs(out - ref).max() <= ENGINE_RTOL[dtype] * scale, (engine, np.abs(out - ref).max() / scale)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_engine_numbers_do_not_depend_on_threads_or_chunks(dtype):
+    """Bit for bit: head size 64 and parts of >= 50 rows (OpenBLAS gives a
+    row of a product the same bits whatever the number of rows)."""
+    rng = np.random.default_rng(41)
+    params = random_params(rng, dim=192, mlp=384, depth=2, grid=7)
+    x = images_for(params, 3, rng)
+    outs = [_forward(params, x, 3, dtype, e) for e in ENGINES + [_engine(threads=1, chunk=10**9)]]
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out, outs[0])
+    if dtype == np.float32:  # float32 products do not depend on the BLAS thread count either: same as plain
+        np.testing.assert_array_equal(outs[0], _forward(params, x, 3, dtype, "plain"))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_engine_hooks_see_the_plain_inputs_and_outputs(dtype):
+    rng = np.random.default_rng(42)
+    params = vit.prepare(random_params(rng, dim=64, mlp=96, depth=2, grid=3, dist=True), np, dtype)
+    x = images_for(params, 3, rng).astype(dtype)
+    h = vit.embed(params, x, np)
+    runs = {}
+    for label, engine in (("plain", "plain"), ("engine", _engine(threads=2))):
+        calls, kept = [], []
+
+        def hook(name, a, calls=calls, kept=kept):
+            assert threading.current_thread() is threading.main_thread()
+            calls.append(("in", name, a.copy()))
+            kept.append((a, a.copy()))
+
+        def out_hook(name, y, calls=calls, kept=kept):
+            calls.append(("out", name, y.copy()))
+            kept.append((y, y.copy()))
+
+        out = vit.blocks(params, h, 4, np, hook=hook, out_hook=out_hook, engine=engine)
+        for arr, copy in kept:  # never written after the hook saw it
+            np.testing.assert_array_equal(arr, copy)
+        runs[label] = (calls, out)
+    (plain, ref), (eng, out) = runs["plain"], runs["engine"]
+    assert [c[:2] for c in eng] == [c[:2] for c in plain] and len(plain) == 16
+    for (_, name, a), (_, _, b) in zip(plain, eng):
+        assert a.shape == b.shape and a.shape[0] == 3, name
+        assert np.abs(a - b).max() <= ENGINE_RTOL[dtype] * max(1.0, np.abs(a).max()), name
+    assert np.abs(out - ref).max() <= ENGINE_RTOL[dtype] * np.abs(ref).max()
+    # only hook (no out_hook), and only out_hook: same inputs again (the buffers reused otherwise)
+    seen = {}
+    vit.blocks(params, h, 4, np, hook=lambda n, a: seen.__setitem__(n, a), engine=_engine(threads=2))
+    for _, name, a in (c for c in eng if c[0] == "in"):
+        np.testing.assert_array_equal(seen[name], a)
+    seen.clear()
+    vit.blocks(params, h, 4, np, out_hook=lambda n, a: seen.__setitem__(n, a), engine=_engine(threads=2))
+    for _, name, a in (c for c in eng if c[0] == "out"):
+        np.testing.assert_array_equal(seen[name], a)
+
+
+def test_engine_leaves_the_input_and_blas_threads_alone():
+    rng = np.random.default_rng(43)
+    params = vit.prepare(random_params(rng, dim=64, mlp=96, depth=1, grid=3), np)
+    h = vit.embed(params, images_for(params, 4, rng).astype(np.float64), np)
+    before = h.copy()
+    threads = vit._BLAS.threads()
+    during = []
+    vit.block(params, 0, h, 4, np, hook=lambda n, a: during.append(vit._BLAS.threads()),
+              engine=_engine(threads=2))
+    np.testing.assert_array_equal(h, before)
+    assert vit._BLAS.threads() == threads and set(during) == {threads}  # hooks run at the full BLAS count
+    if vit._BLAS.available():
+        assert all(int(get()) == threads for get, _ in vit._BLAS.controls())
+
+
+def test_engine_steps_aside_where_it_cannot_run(monkeypatch):
+    """Without BLAS thread control: one thread (never the pool); unusual
+    inputs (mixed dtypes, a missing layer): the plain route, with its errors."""
+    rng = np.random.default_rng(44)
+    params = vit.prepare(random_params(rng, dim=64, mlp=96, depth=1, grid=3), np)
+    x = images_for(params, 4, rng).astype(np.float64)
+    ref = vit.forward(params, x, num_heads=4, engine="plain")
+    used = []
+    real_pool = vit._pool
+    monkeypatch.setattr(vit, "_pool", lambda n: used.append(n) or real_pool(n))
+    vit.forward(params, x, num_heads=4, engine=_engine(threads=2))
+    assert used == ([1] * 3 if vit._BLAS.available() else [])  # without hooks: three hand-offs (rows, heads, rows)
+    used.clear()
+    monkeypatch.setattr(vit._BLAS, "_controls", [])
+    out = vit.forward(params, x, num_heads=4, engine=_engine(threads=2))
+    assert used == [] and np.abs(out - ref).max() <= 1e-14 * np.abs(ref).max()
+    monkeypatch.undo()
+    # below min_work, or fewer than 2 x min_rows rows (here 40): one thread
+    used.clear()
+    monkeypatch.setattr(vit, "_pool", lambda n: used.append(n) or real_pool(n))
+    vit.forward(params, x, num_heads=4, engine=vit.Engine(threads=2, min_rows=2))
+    vit.forward(params, x, num_heads=4, engine=vit.Engine(threads=2, min_work=0, min_rows=21))
+    assert used == []
+    vit.forward(params, x, num_heads=4, engine=vit.Engine(threads=2, min_work=0, min_rows=20))
+    assert used == [1] * 3
+    mixed = dict(params, **{"blocks.0.mlp.fc1.weight": params["blocks.0.mlp.fc1.weight"].astype(np.float32)})
+    np.testing.assert_array_equal(vit.forward(mixed, x, num_heads=4, engine=_engine(threads=2)),
+                                  vit.forward(mixed, x, num_heads=4, engine="plain"))
+    missing = {k: v for k, v in params.items() if not k.startswith("blocks.0.mlp.fc2")}
+    with pytest.raises(MrcError, match="layer blocks.0.mlp.fc2"):
+        vit.forward(missing, x, num_heads=4, engine=_engine(threads=2))
+
+
+def test_engine_settings(monkeypatch):
+    from mrc_ref.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="engine"):
+        vit.block({}, 0, np.zeros((1, 2, 4)), 1, np, engine="fast")
+    for bad in (0, -1, 1.5, "x", True):
+        with pytest.raises(ConfigError, match="threads"):
+            vit.Engine(threads=bad)
+    with pytest.raises(ConfigError, match="min_rows"):
+        vit.Engine(min_rows=1)
+    with pytest.raises(ConfigError, match="chunk"):
+        vit.Engine(chunk=0)
+    monkeypatch.setenv("MRC_THREADS", "3")
+    monkeypatch.setenv("MRC_CHUNK", "4096")
+    assert vit.Engine().resolved_threads() == 3 and vit.Engine(threads=1).resolved_threads() == 1
+    assert vit.Engine().resolved_chunk() == 4096 and vit.Engine(chunk=8).resolved_chunk() == 8
+    monkeypatch.setenv("MRC_THREADS", "two")
+    with pytest.raises(ConfigError, match="MRC_THREADS"):
+        vit.Engine().resolved_threads()
+    monkeypatch.delenv("MRC_THREADS")
+    monkeypatch.delenv("MRC_CHUNK")
+    assert vit.Engine().resolved_threads() == vit._BLAS.threads() >= 1
+    assert vit.Engine().resolved_chunk() == vit.DEFAULT_CHUNK
+
+
+def test_parallel_raises_a_worker_error_after_all_parts_finish():
+    done = []
+
+    def fn(part):
+        if part == 1:
+            raise ValueError("part 1")
+        done.append(part)
+
+    with pytest.raises(ValueError, match="part 1"):
+        vit._parallel(fn, [0, 1, 2], limit=True)
+    assert sorted(done) == [0, 2]
+    assert vit._BLAS._depth == 0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_chunked_elementwise_steps_equal_the_plain_functions(dtype):
+    rng = np.random.default_rng(45)
+    z = (3 * rng.standard_normal((37, 50))).astype(dtype)
+    z[0, :5] = [0.0, -0.0, 40.0, -40.0, 1e-30]
+    erf = vit.erf_function(np)
+    params = {"n.weight": rng.standard_normal(50).astype(dtype), "n.bias": rng.standard_normal(50).astype(dtype)}
+    for chunk in (1, 50, 77, 10**6):
+        out = np.empty_like(z)
+        vit._gelu_rows(z, out, chunk, erf)
+        np.testing.assert_array_equal(out, vit.gelu(z, np))
+        inplace = z.copy()
+        vit._gelu_rows(inplace, inplace, chunk, erf)
+        np.testing.assert_array_equal(inplace, out)
+        vit._layer_norm_rows(z, params["n.weight"], params["n.bias"], out, chunk)
+        np.testing.assert_array_equal(out, vit.layer_norm(params, "n", z, np))
+        s = z.copy()
+        vit._softmax_rows(s, chunk)
+        np.testing.assert_array_equal(s, vit.softmax(z, np))
+
+
+def test_erf_float32_is_float64_erf_rounded():
+    """SciPy's float32 erf computes in float64 and rounds (<= 0.5 ulp), the
+    bar an approximation would have to meet (docs/performance.md)."""
+    pos = np.arange(0, np.float32(6.0).view(np.int32) + 1, 997, dtype=np.int32).view(np.float32)
+    x = np.concatenate([-pos, pos])
+    erf = vit.erf_function(np)
+    assert erf(x).dtype == np.float32
+    np.testing.assert_array_equal(erf(x), erf(x.astype(np.float64)).astype(np.float32))
+
+
+@pytest.mark.oracle
+def test_threaded_engine_matches_transformers():
+    model, torch = _hf_model(**HF_CASES["vit-small"])
+    heads = model.config.num_attention_heads
+    tensors, metadata = _convert(model, heads)
+    size = model.config.image_size
+    x = np.random.default_rng(14).standard_normal((5, 3, size, size)).astype(np.float32)
+    with torch.no_grad():
+        ref = model(pixel_values=torch.from_numpy(x)).logits.numpy().astype(np.float64)
+    for engine in ENGINES:
+        ours = vit.forward(tensors, x, metadata=metadata, engine=engine)
+        scale = max(1.0, float(np.abs(ref).max()))
+        assert np.abs(ours - ref).max() <= HF_RTOL * scale, engine
+
+
+def test_capture_through_the_engine_matches_the_plain_route(monkeypatch):
+    """data_tools.capture (hook + out_hook) on the threaded engine against
+    the plain route (the engine switched off): the statistics agree to
+    round-off, float64."""
+    from data_tools.capture import capture_statistics
+
+    rng = np.random.default_rng(46)
+    params = random_params(rng, dim=64, mlp=96, depth=2, grid=3)
+    comp, _ = compress(params, rng, ["blocks.0.mlp.fc1", "blocks.1.attn.proj"], rank=4, residual=2)
+    x = images_for(params, 7, rng)
+    batches = [x[:3], x[3:]]
+    monkeypatch.setattr(vit, "MIN_WORK", 0)
+    monkeypatch.setattr(vit, "MIN_ROWS", 2)
+    monkeypatch.setenv("MRC_THREADS", "2")
+    for model in (params, comp):
+        got, proxy = capture_statistics(model, batches, num_heads=4, proxy_images=5, xp=np)
+        with monkeypatch.context() as m:
+            m.setattr(vit, "_engine_block", lambda *a, **k: None)  # the plain route
+            ref, proxy_ref = capture_statistics(model, batches, num_heads=4, proxy_images=5, xp=np)
+        np.testing.assert_array_equal(proxy, proxy_ref)
+        assert sorted(got) == sorted(ref)
+        for name, st in ref.items():
+            assert got[name]["rows"] == st["rows"]
+            for key in ("gram", "sum", "gram_normalized"):
+                scale = np.abs(st[key]).max()
+                assert np.abs(got[name][key] - st[key]).max() <= 1e-13 * scale, (name, key)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_engine_runs_in_a_forked_child():
+    """A child forked after the pool started has none of its threads: the
+    engine starts a new pool there instead of waiting on dead workers."""
+    import os
+
+    rng = np.random.default_rng(47)
+    params = vit.prepare(random_params(rng, dim=64, mlp=96, depth=1, grid=3), np)
+    x = images_for(params, 4, rng).astype(np.float64)
+    engine = _engine(threads=2)
+    ref = vit.forward(params, x, num_heads=4, engine=engine)  # the pool exists now
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: must finish, and with the same numbers
+        try:
+            ok = np.array_equal(vit.forward(params, x, num_heads=4, engine=engine), ref)
+            os.write(write, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    import time
+
+    deadline = time.monotonic() + 120
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child did not finish its forward pass (waiting on dead workers?)")
+    assert os.read(read, 1) == b"1" and done[1] == 0
