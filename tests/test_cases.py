@@ -222,7 +222,7 @@ def _case_with(tmp_path, name, text):
 @pytest.mark.parametrize("text, words", [("[]", "the configuration is not a JSON object"),
                                          ('{"reduction": "half"}', "reduction must be a number")])
 def test_a_bad_case_config_is_an_error_naming_config_json(tmp_path, text, words):
-    """Audit of issue 16, finding 11: a consistent manifest over a bad
+    """A consistent manifest over a bad
     config.json: the error names config.json."""
     case = _case_with(tmp_path, "config.json", text)
     with pytest.raises(MrcError) as info:

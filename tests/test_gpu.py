@@ -222,7 +222,7 @@ def test_forward(runs, model):
 
 def test_prepare_stacks_factors_on_the_gpu(runs):
     """vit.prepare lays each factored layer with a residual out as views of
-    L = [A P] and R = [B; Q] on CuPy too (issue 19, point 5)."""
+    L = [A P] and R = [B; Q] on CuPy too."""
     params = runs[np, "sequential"][0]
     prepared = vit.prepare(params, cp)
     names = [n for n in layout.factored_layers(prepared) if f"{n}.residual_p" in prepared]

@@ -731,7 +731,7 @@ def test_a_file_reached_from_two_classes_is_an_error_naming_both(pristine, tmp_p
     """A class's images are the regular files reached under its folder: a
     link from class 0 to a file or to the folder of class 1 (or a hard link
     between them) is an error naming both paths, not a label chosen by walk
-    order, and never makes class 1 look empty (audit of issue 16, finding 5)."""
+    order, and never makes class 1 look empty."""
     from mrc_ref.errors import MrcError
     from mrc_ref.images import list_images
 
@@ -779,7 +779,7 @@ def test_every_image_command_walks_links_and_fifos_safely(w):
 
 
 def test_one_image_stays_under_the_memory_bound(tmp_path):
-    """Audit of issue 16, finding 8: a 1,000,000 × 64 greyscale PNG (64 MP,
+    """A 1,000,000 × 64 greyscale PNG (64 MP,
     accepted) took 0.43 GB in the transform (a full-size RGB copy, then the
     resize); the bound is images.MAX_IMAGE_BYTES. Measured as the growth of
     the peak resident size (VmHWM) of a fresh interpreter while it reads the

@@ -101,9 +101,9 @@ def test_batches_and_disk_scratch_change_nothing(run, tmp_path):
         assert np.linalg.norm(a.astype(np.float64) - b) <= 1e-6 * max(np.linalg.norm(b), 1e-30)
 
 
-# ------------------------------------------------------------------ block passes (issue 19, point 4)
+# ------------------------------------------------------------------ block passes
 def _previous_sequential(original, factors, tokens, config, *, num_heads, xp, batch):
-    """The implementation before issue 19, kept as the oracle: every target
+    """The previous implementation, kept as the oracle: every target
     layer re-runs its block's full pass on both streams."""
     from mrc_ref.backend import get_dtype, to_host
     from mrc_ref.sequential import _batches, _stage

@@ -178,7 +178,7 @@ def test_check_declared():
         stats.check_declared("gram", None, np.float32, (4, 4))
 
 
-# ------------------------------------------------------------------ the cheap PSD test (issue 19, point 1)
+# ------------------------------------------------------------------ the cheap PSD test
 def _with_spectrum(lam, seed=0):
     """Symmetric ``Q diag(lam) Qᵀ`` for a random orthogonal ``Q``."""
     n = len(lam)

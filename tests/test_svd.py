@@ -109,9 +109,9 @@ def test_zero_output_energy_is_an_error():
         svd.output_basis(W, np.eye(3), np)
 
 
-# ------------------------------------------------------------------ the Gram route, m > n (issue 19, point 2)
+# ------------------------------------------------------------------ the Gram route, m > n
 def previous_route(W, C):
-    """The route before issue 19, the oracle: ``S = V_C Λ_C^{1/2}`` and the thin
+    """The previous route (thin SVD of W S), the oracle: ``S = V_C Λ_C^{1/2}`` and the thin
     SVD of ``W S``."""
     lam, V = np.linalg.eigh((C + C.T) / 2)
     U, s, _ = np.linalg.svd(W @ (V * np.sqrt(np.clip(lam, 0, None))), full_matrices=False)

@@ -379,7 +379,7 @@ def test_depth_rejects_gaps():
         vit.depth(gap)
 
 
-# ----------------------------------------------------------------- stacked factors (issue 19, point 5)
+# ----------------------------------------------------------------- stacked factors
 #: Stacked vs unstacked: the same products summed in another order. Measured
 #: in the issue's prototype: 5e-7 (float32) and 9e-16 (float64) of the scale.
 STACK_RTOL = {np.float32: 5e-7, np.float64: 9e-16}
@@ -478,7 +478,7 @@ def test_malformed_factors_are_left_to_linear():
         vit.forward(prepared, images_for(params, 1, rng), num_heads=2)
 
 
-# ----------------------------------------------------------------- the NumPy engine (issue 19, point 3)
+# ----------------------------------------------------------------- the NumPy engine
 #: Engine vs plain route: identical but for q scaled before q kᵀ (exact when
 #: d_h^{-1/2} is a power of two) and the attention products at one BLAS thread
 #: (OpenBLAS float64 products with k = 64 differ in the last bit between 1 and

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Speed of the NumPy forward pass (mrc_ref.vit) against PyTorch and against
 the previous implementation, and of the factored model against the dense one
-(issue 19, points 3 and 5; a script, not a pytest module).
+(a script, not a pytest module).
 
 Every figure is a ratio of two timings measured in the same run, the
 implementations timed in turn in each round (one untimed warm-up each, then
@@ -24,7 +24,7 @@ size (8, 16):
 * ``forward_speedup_over_693e520`` and ``capture_speedup_over_693e520``:
   the engine over the previous implementation (tests/benchmarks/vit_693e520.py,
   the module as of commit 693e520; the capture runs it by swapping the
-  module that data_tools.capture calls); no target, the gain of issue 19.
+  module that data_tools.capture calls); no target: the speed-up over that commit.
 * ``max_rel_diff_vs_693e520``: max |new − old| / max |old| of the last
   block's output (float32 <= 1e-6, float64 <= 1e-14).
 * ``stacked_vs_unstacked_max_rel_diff`` (with ``--factored``): per factored

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Peak memory of one image's transform, before and after the bound of
-issue 16 (a script, not a pytest module).
+"""Peak memory of one image's transform, against the transform before the memory bound
+(a script, not a pytest module).
 
 Each case writes one synthetic image (blank, so the files are small but
 decode to full size), then in a fresh interpreter per measurement reads it

@@ -10,7 +10,7 @@ at every rank:
 * ``ours``: :func:`mrc_ref.svd.output_basis` + :func:`mrc_ref.svd.nmse_curve`
   (m > n: Cholesky square root and the ``n × n`` Gram's ``eigh``; m ≤ n:
   ``eigh(W C Wᵀ)``);
-* ``previous``: the route before issue 19, copied here (m > n: ``eigh(C)``,
+* ``previous``: the route at commit 693e520, copied here (m > n: ``eigh(C)``,
   then the thin SVD of ``W S``), so the speed-up is visible;
 * ``torch``: SVD-LLM's whitening route written in PyTorch, float64:
   ``S = cholesky(C)`` (the whitening matrix), ``torch.linalg.svd(W @ S,
@@ -30,7 +30,7 @@ the BLAS thread count.
 
 Figure ``validate_deit_b``: :func:`mrc_ref.stats.validate` of the same
 layers' statistics (``gram`` and ``gram_normalized`` present, statistic
-``gram``), against the validation before issue 19 (copied here: ``eigvalsh``
+``gram``), against the validation at commit 693e520 (copied here: ``eigvalsh``
 of both matrices). Value: ours / previous (lower is better); the verdicts
 (all pass) are compared.
 
@@ -57,7 +57,7 @@ BLOCK = [("qkv", 2304, 768), ("proj", 768, 768), ("fc1", 3072, 768), ("fc2", 768
 
 
 def previous_output_basis(W, C, xp):
-    """:func:`mrc_ref.svd.output_basis` before issue 19 (the speed-up's reference)."""
+    """:func:`mrc_ref.svd.output_basis` at commit 693e520 (the speed-up's reference)."""
     m, n = W.shape
     if m <= n:
         s2, U = svd._descending_eigh(W @ C @ W.T, xp, "output Gram W C Wᵀ")
@@ -68,7 +68,7 @@ def previous_output_basis(W, C, xp):
 
 
 def previous_validate(raw, n):
-    """The validation before issue 19: symmetry checks and ``eigvalsh`` of
+    """The validation at commit 693e520: symmetry checks and ``eigvalsh`` of
     ``gram`` and of ``gram_normalized`` (only the PSD part differs from ours)."""
     from mrc_ref.svd import PSD_RTOL
 

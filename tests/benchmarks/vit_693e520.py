@@ -1,4 +1,4 @@
-"""The forward pass of mrc_ref.vit as of commit 693e520 (before issue 19), kept
+"""The forward pass of mrc_ref.vit as of commit 693e520 (at commit 693e520), kept
 verbatim (imports made absolute) so that tests/benchmarks/bench_forward.py can
 time today's engine against it in the same run. Not used by the library."""
 
