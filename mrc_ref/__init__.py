@@ -8,7 +8,7 @@ only the layers above it in this list.
    ``stats`` (statistics, their validation and metrics), ``svd`` (Stage 1),
    ``allocate`` (Stage 2), ``compensate`` and ``sequential`` (Stage 3),
    ``pipeline`` (the stages in order, ``Config``), ``vit`` (the forward
-   pass), ``layout`` (the compressed layer's keys and rule), ``quantize``
+   pass), ``threads`` (its worker threads, BLAS at one thread), ``layout`` (the compressed layer's keys and rule), ``quantize``
    (int8), ``sensitivity`` (weights of the calibrated objective),
    ``certificates`` (optimality certificates by an independent route),
    ``metrics`` (over logits), ``backend`` (the ``xp`` switch) and

@@ -33,16 +33,13 @@ chunks live; on CuPy, and with ``engine="plain"``, on the plain route
 numbers to round-off (docs/performance.md, "The forward pass").
 """
 
-import ctypes
 import math
 import os
 import re
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import layout, quantize
+from . import layout, quantize, threads as _threads
 from .backend import array_module, to_device
 from .errors import ConfigError, MrcError
 
@@ -677,10 +674,9 @@ class Engine:
     LayerNorm 2, fc1, GELU, fc2 and residual), each step on ``threads``
     Python threads that take contiguous parts of the ``N T`` rows (the
     attention core: of the ``N h`` (image, head) pairs) and write into
-    slices of whole-batch buffers. While the threads run, every OpenBLAS of
-    the process runs at one thread (set and restored around each step
-    through ``openblas_set_num_threads``, or through ``threadpoolctl`` where
-    no OpenBLAS is found), so the two levels of threads never compete; the
+    slices of whole-batch buffers. While the threads run, every BLAS of
+    the process runs at one thread (:func:`mrc_ref.threads.parallel`), so
+    the two levels of threads never compete; the
     small attention products run at one BLAS thread always. Hooks are called
     between steps, from the calling thread, with whole-batch arrays, which
     are never written afterwards. Within a part, LayerNorm, the bias adds,
@@ -694,9 +690,10 @@ class Engine:
         Python threads (>= 1). Default: ``$MRC_THREADS``, else the BLAS
         thread count of the process (so ``OPENBLAS_NUM_THREADS=1`` or a
         ``threadpoolctl`` limit of 1 also gives one thread); never more than
-        one per ``min_rows`` rows. Where BLAS threads cannot be set (no OpenBLAS and no
-        threadpoolctl), one thread, since two levels of threads oversubscribe
-        the cores (measured: 2x slower products, 10x slower attention).
+        one per ``min_rows`` rows. Where BLAS threads cannot be set (a BLAS
+        threadpoolctl does not know), one thread, since two levels of
+        threads oversubscribe the cores (measured: 2x slower products, 10x
+        slower attention).
     chunk : int, optional
         Elements per chunk of the elementwise steps (>= 1). Default:
         ``$MRC_CHUNK``, else :data:`DEFAULT_CHUNK`.
@@ -735,7 +732,7 @@ class Engine:
         env = os.environ.get(ENV_THREADS, "").strip()
         if env:
             return _positive(ENV_THREADS, env)
-        return _BLAS.threads()
+        return _threads.blas_threads()
 
     def resolved_chunk(self):
         """The chunk size: the argument, ``$MRC_CHUNK``, or :data:`DEFAULT_CHUNK`."""
@@ -743,156 +740,6 @@ class Engine:
             return self.chunk
         env = os.environ.get(ENV_CHUNK, "").strip()
         return _positive(ENV_CHUNK, env) if env else DEFAULT_CHUNK
-
-
-def _openblas_controls():
-    """``[(get, set)]`` thread-count functions of every OpenBLAS loaded in
-    the process (NumPy's and SciPy's), found through /proc/self/maps."""
-    try:
-        with open("/proc/self/maps") as fh:
-            paths = sorted({line.split()[-1] for line in fh
-                            if "openblas" in line.rsplit("/", 1)[-1].lower() and "/" in line})
-    except OSError:
-        return []
-    out = []
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix in ("scipy_openblas", "openblas"):
-            found = None
-            for suffix in ("64_", ""):
-                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-                put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-                if get is not None and put is not None:
-                    get.restype, get.argtypes = ctypes.c_int, []
-                    put.restype, put.argtypes = None, [ctypes.c_int]
-                    found = (get, put)
-                    break
-            if found:
-                out.append(found)
-                break
-    return out
-
-
-def _threadpoolctl_controls():
-    """``[(get, set)]`` of the BLAS libraries that threadpoolctl (optional) sees."""
-    try:
-        from threadpoolctl import ThreadpoolController
-
-        libs = ThreadpoolController().select(user_api="blas").lib_controllers
-    except Exception:  # not installed, or a library it cannot drive
-        return []
-    return [((lambda lib=lib: lib.num_threads), lib.set_num_threads) for lib in libs]
-
-
-class _BlasThreads:
-    """The process's BLAS thread count, held at one while engine threads run.
-
-    Nested and concurrent holders are counted: the first saves the count and
-    sets 1, the last restores it.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._depth = 0
-        self._saved = 1
-        self._controls = None
-
-    def controls(self):
-        if self._controls is None:
-            self._controls = _openblas_controls() or _threadpoolctl_controls()
-        return self._controls
-
-    def available(self):
-        return bool(self.controls())
-
-    def threads(self):
-        """Threads BLAS would use outside the engine (1 when unknown)."""
-        controls = self.controls()
-        if not controls:
-            return 1
-        with self._lock:
-            return self._saved if self._depth else max(1, min(int(get()) for get, _ in controls))
-
-    def __enter__(self):
-        controls = self.controls()
-        with self._lock:
-            if self._depth == 0 and controls:
-                self._saved = max(1, min(int(get()) for get, _ in controls))
-                for _, put in controls:
-                    put(1)
-            self._depth += 1
-        return self
-
-    def __exit__(self, *exc):
-        with self._lock:
-            self._depth -= 1
-            if self._depth == 0:
-                for _, put in self.controls():
-                    put(self._saved)
-        return False
-
-
-_BLAS = _BlasThreads()
-_POOL_LOCK = threading.Lock()
-_POOL = [None, 0]  # executor, workers
-
-
-def _after_fork_in_child():
-    """A forked child has none of the parent's threads: start afresh (a new
-    pool on first use, unlocked locks, BLAS threads found again)."""
-    global _POOL_LOCK
-    _POOL_LOCK = threading.Lock()
-    _POOL[0], _POOL[1] = None, 0
-    _BLAS.__init__()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _pool(workers):
-    with _POOL_LOCK:
-        if _POOL[1] < workers:
-            old = _POOL[0]
-            _POOL[0], _POOL[1] = ThreadPoolExecutor(workers, thread_name_prefix="mrc_ref.vit"), workers
-            if old is not None:
-                old.shutdown(wait=False)
-        return _POOL[0]
-
-
-def _parallel(fn, parts, limit):
-    """``fn(part)`` for every part, the first in the calling thread, the
-    others on the pool; BLAS at one thread meanwhile when ``limit`` (always
-    with several parts). The first exception is raised after all finish."""
-    if len(parts) == 1 and not limit:
-        fn(parts[0])
-        return
-    with _BLAS:
-        if len(parts) == 1:
-            fn(parts[0])
-            return
-        futures = [_pool(len(parts) - 1).submit(fn, part) for part in parts[1:]]
-        error = None
-        try:
-            fn(parts[0])
-        except BaseException as exc:  # noqa: BLE001  (re-raised below, after the others finish)
-            error = exc
-        for future in futures:
-            try:
-                future.result()
-            except BaseException as exc:  # noqa: BLE001
-                error = error or exc
-        if error is not None:
-            raise error
-
-
-def _split(total, parts):
-    """``parts`` contiguous (start, stop) ranges covering ``range(total)``."""
-    edges = [total * i // parts for i in range(parts + 1)]
-    return [(edges[i], edges[i + 1]) for i in range(parts)]
 
 
 def _is(a, dtype):
@@ -1032,11 +879,11 @@ def _engine_block(params, index, h, num_heads, hook, out_hook, engine):
     rows = n_img * t
     threads = engine.resolved_threads() if n_img * t * d >= engine.min_work else 1
     threads = max(1, min(threads, rows // engine.min_rows, n_img * num_heads))
-    if threads > 1 and not _BLAS.available():
+    if threads > 1 and not _threads.blas_controlled():
         threads = 1
     chunk = engine.resolved_chunk()
     erf = erf_function(np)
-    parts = {"rows": [slice(a, b) for a, b in _split(rows, threads)], "heads": _split(n_img * num_heads, threads)}
+    parts = {"rows": [slice(a, b) for a, b in _threads.split(rows, threads)], "heads": _threads.split(n_img * num_heads, threads)}
 
     x = h.reshape(rows, d)
     a1 = np.empty((rows, d), dtype)
@@ -1078,7 +925,7 @@ def _engine_block(params, index, h, num_heads, hook, out_hook, engine):
     def flush():
         if group:
             fns = tuple(group)
-            _parallel(lambda part: [fn(part) for fn in fns], parts[kind], kind == "heads")
+            _threads.parallel(lambda part: [fn(part) for fn in fns], parts[kind], kind == "heads")
             group.clear()
 
     for step_kind, fn, after in steps:

@@ -671,7 +671,6 @@ def test_hostile_input(case, w):
     label, command, build, fragment = case
     if command == "report":
         pytest.importorskip("matplotlib")
-        pytest.importorskip("threadpoolctl")
     if command == "export":
         pytest.importorskip("onnx")
     argv = build(w)

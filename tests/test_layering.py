@@ -24,7 +24,7 @@ ROOTS = {"mrc_ref": os.path.dirname(os.path.abspath(mrc_ref.__file__)),
          "data_tools": os.path.dirname(os.path.abspath(data_tools.__file__))}
 
 LAYER1 = {f"mrc_ref.{m}" for m in ("errors", "backend", "layout", "stats", "svd", "allocate", "compensate",
-                                    "sequential", "vit", "quantize", "sensitivity", "metrics", "pipeline",
+                                    "sequential", "vit", "threads", "quantize", "sensitivity", "metrics", "pipeline",
                                     "certificates")} | {"mrc_ref"}
 LAYER2 = {
     *(f"mrc_ref.formats.{m}" for m in ("paths", "tensors", "acts", "compressed", "documents")), "mrc_ref.formats",

@@ -23,14 +23,15 @@ from mrc_ref.report import __main__ as report_cli
 from mrc_ref.report import grid, orchestration
 from mrc_ref.errors import MrcError
 
+import threadpoolctl
+
 try:
     import matplotlib  # noqa: F401
-    import threadpoolctl
 except ImportError:
-    threadpoolctl = None
+    matplotlib = None
 #: The tests that run the command need the report extra; the seam, the
 #: measurement and the missing-extra message do not.
-needs_extra = pytest.mark.skipif(threadpoolctl is None,
+needs_extra = pytest.mark.skipif(matplotlib is None,
                                  reason="the report needs the report extra (pip install -e '.[report]')")
 
 ARGS = ["--reductions", "0.3", "--at", "0.6", "--quiet"]
@@ -40,9 +41,6 @@ ARGS = ["--reductions", "0.3", "--at", "0.6", "--quiet"]
 def one_blas_thread():
     """One BLAS thread: these matrices are far too small for threads to pay,
     and on a busy machine OpenBLAS's threads make them many times slower."""
-    if threadpoolctl is None:
-        yield
-        return
     with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
         yield
 

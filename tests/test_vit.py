@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from data_tools.synthetic import random_vit
+from mrc_ref import threads as threads_mod
 from mrc_ref import vit
 from mrc_ref.errors import MrcError
 
@@ -573,14 +574,17 @@ def test_engine_leaves_the_input_and_blas_threads_alone():
     params = vit.prepare(random_params(rng, dim=64, mlp=96, depth=1, grid=3), np)
     h = vit.embed(params, images_for(params, 4, rng).astype(np.float64), np)
     before = h.copy()
-    threads = vit._BLAS.threads()
+    from threadpoolctl import threadpool_info
+
+    def counts():
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    threads, libs = threads_mod.blas_threads(), counts()
     during = []
-    vit.block(params, 0, h, 4, np, hook=lambda n, a: during.append(vit._BLAS.threads()),
-              engine=_engine(threads=2))
+    vit.block(params, 0, h, 4, np, hook=lambda n, a: during.append(counts()), engine=_engine(threads=2))
     np.testing.assert_array_equal(h, before)
-    assert vit._BLAS.threads() == threads and set(during) == {threads}  # hooks run at the full BLAS count
-    if vit._BLAS.available():
-        assert all(int(get()) == threads for get, _ in vit._BLAS.controls())
+    assert threads_mod.blas_threads() == threads and counts() == libs  # restored
+    assert all(c == libs for c in during)  # hooks run at the full BLAS count
 
 
 def test_engine_steps_aside_where_it_cannot_run(monkeypatch):
@@ -591,18 +595,18 @@ def test_engine_steps_aside_where_it_cannot_run(monkeypatch):
     x = images_for(params, 4, rng).astype(np.float64)
     ref = vit.forward(params, x, num_heads=4, engine="plain")
     used = []
-    real_pool = vit._pool
-    monkeypatch.setattr(vit, "_pool", lambda n: used.append(n) or real_pool(n))
+    real_pool = threads_mod._pool
+    monkeypatch.setattr(threads_mod, "_pool", lambda n: used.append(n) or real_pool(n))
     vit.forward(params, x, num_heads=4, engine=_engine(threads=2))
-    assert used == ([1] * 3 if vit._BLAS.available() else [])  # without hooks: three hand-offs (rows, heads, rows)
+    assert used == ([1] * 3 if threads_mod.blas_controlled() else [])  # no hooks: three hand-offs (rows, heads, rows)
     used.clear()
-    monkeypatch.setattr(vit._BLAS, "_controls", [])
+    monkeypatch.setitem(threads_mod._STATE, "controls", [])
     out = vit.forward(params, x, num_heads=4, engine=_engine(threads=2))
     assert used == [] and np.abs(out - ref).max() <= 1e-14 * np.abs(ref).max()
     monkeypatch.undo()
     # below min_work, or fewer than 2 x min_rows rows (here 40): one thread
     used.clear()
-    monkeypatch.setattr(vit, "_pool", lambda n: used.append(n) or real_pool(n))
+    monkeypatch.setattr(threads_mod, "_pool", lambda n: used.append(n) or real_pool(n))
     vit.forward(params, x, num_heads=4, engine=vit.Engine(threads=2, min_rows=2))
     vit.forward(params, x, num_heads=4, engine=vit.Engine(threads=2, min_work=0, min_rows=21))
     assert used == []
@@ -637,7 +641,7 @@ def test_engine_settings(monkeypatch):
         vit.Engine().resolved_threads()
     monkeypatch.delenv("MRC_THREADS")
     monkeypatch.delenv("MRC_CHUNK")
-    assert vit.Engine().resolved_threads() == vit._BLAS.threads() >= 1
+    assert vit.Engine().resolved_threads() == threads_mod.blas_threads() >= 1
     assert vit.Engine().resolved_chunk() == vit.DEFAULT_CHUNK
 
 
@@ -650,9 +654,9 @@ def test_parallel_raises_a_worker_error_after_all_parts_finish():
         done.append(part)
 
     with pytest.raises(ValueError, match="part 1"):
-        vit._parallel(fn, [0, 1, 2], limit=True)
+        threads_mod.parallel(fn, [0, 1, 2], limit=True)
     assert sorted(done) == [0, 2]
-    assert vit._BLAS._depth == 0
+    assert threads_mod._STATE["depth"] == 0
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -415,7 +415,7 @@ def _check_extra():
     """Refuse, before any work, to run without the report extra."""
     import importlib.util
 
-    for name in ("matplotlib", "threadpoolctl"):
+    for name in ("matplotlib",):
         if importlib.util.find_spec(name) is None:
             raise MrcError(f"{name} is not installed; install the report extra: pip install 'mrc_ref[report]' "
                            "(from a checkout: pip install -e '.[report]')")
