@@ -34,12 +34,13 @@ def load_model(weights, *, num_heads=None, device="cpu", dtype="float64"):
     classes : int
         Output features of the head.
     """
+    xp = get_xp(device)  # an unusable device is refused before any file is read
     tensors, metadata = formats.read_model(weights)
     try:
         heads = vit.resolve_num_heads(tensors, num_heads, metadata)
         size = model_input_size(tensors)
         classes = _output_features(tensors, "head")
-        params = vit.prepare(tensors, get_xp(device), get_dtype(dtype))
+        params = vit.prepare(tensors, xp, get_dtype(dtype))
     except MrcError as err:
         raise err.at(file=weights) from None
     return params, heads, size, classes
