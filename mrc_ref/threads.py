@@ -13,12 +13,11 @@ a forked child).
 Not for CuPy: the engine steps aside there.
 """
 
+import importlib
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-import os
-
-import scipy.linalg  # noqa: F401  (loads SciPy's BLAS before the libraries are listed)
 
 __all__ = ["blas_threads", "blas_controlled", "one_blas_thread", "parallel", "split"]
 
@@ -31,6 +30,7 @@ def _controls():
     if _STATE["controls"] is None:
         from threadpoolctl import ThreadpoolController
 
+        importlib.import_module("scipy.linalg")  # loads SciPy's BLAS, so that it is listed too
         _STATE["controls"] = ThreadpoolController().select(user_api="blas").lib_controllers
     return _STATE["controls"]
 

@@ -257,16 +257,14 @@ def _distributed(w, **o):
     return [w["weights"], o.get("images", w["images"]), "-o", o["out"], "--dask", "tcp://127.0.0.1:9", "--quiet"]
 
 
-def weights_cases():
-    """The model file read by compress, evaluate, verify, report, capture, sensitivity, convert."""
-    runs = {"compress": lambda w, p: _compress(w, weights=p), "evaluate": lambda w, p: _evaluate(w, model=p),
-            "verify": lambda w, p: _verify(w, weights=p), "report": lambda w, p: _report(w, weights=p),
-            "capture": lambda w, p: _capture(w, weights=p), "sensitivity": lambda w, p: _sensitivity(w, weights=p),
-            "convert": lambda w, p: _convert(w, src=p), "export": lambda w, p: _export(w, model=p)}
-    corruptions = {
+
+def weights_corruptions(dtype_words):
+    """Corruption class -> (corrupt(path), words expected in the message) of
+    a weights file (``dtype_words``: the words for a wrong dtype; None: any)."""
+    return {
         "truncated": (cut, "truncated"),
         "wrong dtype": (lambda p: edit_tensors(p, lambda t: t.update(
-            {first_weight(t): t[first_weight(t)].astype(np.int32)})), None),
+            {first_weight(t): t[first_weight(t)].astype(np.int32)})), dtype_words),
         "nan": (lambda p: edit_tensors(p, lambda t: t[first_weight(t)].__setitem__((0, 0), np.nan)), "NaN"),
         "huge shape": (huge_header, "data_offsets"),
         "unknown version": (lambda p: edit_tensors(p, lambda t: None, {"format": "mrc_ref.compressed",
@@ -275,6 +273,14 @@ def weights_cases():
         "fifo": (fifo, "not a regular file"),
         "loop": (loop, "cannot read"),
     }
+
+def weights_cases():
+    """The model file read by compress, evaluate, verify, report, capture, sensitivity, convert."""
+    runs = {"compress": lambda w, p: _compress(w, weights=p), "evaluate": lambda w, p: _evaluate(w, model=p),
+            "verify": lambda w, p: _verify(w, weights=p), "report": lambda w, p: _report(w, weights=p),
+            "capture": lambda w, p: _capture(w, weights=p), "sensitivity": lambda w, p: _sensitivity(w, weights=p),
+            "convert": lambda w, p: _convert(w, src=p), "export": lambda w, p: _export(w, model=p)}
+    corruptions = weights_corruptions(dtype_words=None)
     for command, run in runs.items():
         for label, (corrupt, fragment) in corruptions.items():
             if label == "attribute type" and command in ("compress", "verify", "convert"):
@@ -456,18 +462,7 @@ def peft_cases():
 def reference_cases():
     """evaluate --reference: a model file, read by the one model reader, with
     the corruptions of the weights (the reference is a copy of WEIGHTS)."""
-    corruptions = {
-        "truncated": (cut, "truncated"),
-        "wrong dtype": (lambda p: edit_tensors(p, lambda t: t.update(
-            {first_weight(t): t[first_weight(t)].astype(np.int32)})), "dtype"),
-        "nan": (lambda p: edit_tensors(p, lambda t: t[first_weight(t)].__setitem__((0, 0), np.nan)), "NaN"),
-        "huge shape": (huge_header, "data_offsets"),
-        "unknown version": (lambda p: edit_tensors(p, lambda t: None, {"format": "mrc_ref.compressed",
-                                                                       "version": "7"}), "unsupported version"),
-        "attribute type": (lambda p: edit_tensors(p, lambda t: None, {"num_heads": "four"}), "num_heads"),
-        "fifo": (fifo, "not a regular file"),
-        "loop": (loop, "cannot read"),
-    }
+    corruptions = weights_corruptions(dtype_words="dtype")
 
     def reference(w):
         path = os.path.join(w["root"], "ref.safetensors")

@@ -22,8 +22,8 @@ size (8, 16):
   over the same statistics accumulated with PyTorch forward hooks
   (bench_capture's ``torch_capture``); target ``>= 1.0``.
 * ``forward_speedup_over_693e520`` and ``capture_speedup_over_693e520``:
-  the engine over the previous implementation (tests/benchmarks/vit_693e520.py,
-  the module as of commit 693e520; the capture runs it by swapping the
+  the engine over the previous implementation (mrc_ref/vit.py
+  as of commit 693e520, read with ``git show`` at run time; the capture runs it by swapping the
   module that data_tools.capture calls); no target: the speed-up over that commit.
 * ``max_rel_diff_vs_693e520``: max |new − old| / max |old| of the last
   block's output (float32 <= 1e-6, float64 <= 1e-14).
@@ -74,14 +74,41 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import bench_capture as bc  # noqa: E402  (the torch model, torch hooks, BLAS thread helpers)
-import vit_693e520 as old_vit  # noqa: E402
 
 import data_tools.capture as capture_module  # noqa: E402
+import mrc_ref  # noqa: E402
 from data_tools.synthetic import random_vit  # noqa: E402
 from mrc_ref import vit  # noqa: E402
 
 SHAPES = bc.SHAPES
 REDUCTION, RESIDUAL = 0.6, 8
+
+
+
+#: The previous implementation, timed in the same run: mrc_ref/vit.py at this
+#: commit, read with git from this checkout (None with --no-old).
+OLD_REV = "693e520"
+old_vit = None
+
+
+def load_old_vit(rev=OLD_REV):
+    """``mrc_ref/vit.py`` as of commit ``rev`` (``git show``), imported as a
+    module of today's package, so its relative imports find today's
+    ``layout`` and ``quantize``."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    source = subprocess.run(["git", "-C", HERE, "show", f"{rev}:mrc_ref/vit.py"], capture_output=True,
+                            text=True, check=True).stdout
+    path = os.path.join(tempfile.mkdtemp(prefix="mrc_vit_"), f"vit_{rev}.py")
+    with open(path, "w") as fh:
+        fh.write(source)
+    spec = importlib.util.spec_from_file_location(f"{mrc_ref.__name__}.vit_{rev}", path)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = mrc_ref.__name__
+    spec.loader.exec_module(module)
+    return module
 
 
 def emit(**fields):
@@ -155,7 +182,7 @@ def run_case(label, dtype, batch, args, torch):
     params, heads = model(label, args.blocks)
     x = images(label, batch).astype(dtype)
     prepared = vit.prepare(params, np, np.dtype(dtype))
-    old_prepared = old_vit.prepare(params, np, np.dtype(dtype))
+    old_prepared = None if old_vit is None else old_vit.prepare(params, np, np.dtype(dtype))
     common = {"model": label, "blocks": vit.depth(params), "dtype": dtype, "batch": batch,
               "load_1m": round(os.getloadavg()[0], 2)}
     new, old = new_forward(prepared, heads, x), (None if args.no_old else old_forward(old_prepared, heads, x))
@@ -240,6 +267,9 @@ def main(argv=None):
     ap.add_argument("--no-old", action="store_true", help="skip the 693e520 implementation")
     ap.add_argument("--factored", action="store_true", help="also the factored-model figure (on by --quick)")
     args = ap.parse_args(argv)
+    global old_vit
+    if not args.no_old:
+        old_vit = load_old_vit()
     if args.quick:
         args.repeats, args.model, args.batch, args.factored = 1, "deit_s", "8", True
         args.blocks = args.blocks or 4
