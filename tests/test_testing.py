@@ -426,3 +426,31 @@ def test_doc_example_passes_under_pytest(tmp_path):
                           timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert " passed" in done.stdout and "failed" not in done.stdout
+
+
+@pytest.mark.parametrize("kind", ["orthonormal", "graded", "rank-deficient", "ill-conditioned", "zero column"])
+def test_the_certificates_column_basis_against_an_svd(kind):
+    """certificates._orth (Cholesky QR twice, pivoted QR where that fails)
+    spans what the SVD of ``a`` says, with scipy.linalg.orth's rank rule."""
+    import scipy.linalg
+
+    from mrc_ref import certificates
+
+    rng = np.random.default_rng(7)
+    m, r = 60, 12
+    a = rng.standard_normal((m, r))
+    if kind == "orthonormal":
+        a = np.linalg.qr(a)[0]
+    elif kind == "graded":
+        a = a * np.logspace(0, -5, r)
+    elif kind == "rank-deficient":
+        a[:, -3:] = a[:, :3] @ rng.standard_normal((3, 3))
+    elif kind == "ill-conditioned":
+        a = a * np.logspace(0, -12, r)
+    else:
+        a[:, 4] = 0.0
+    q = certificates._orth(a)
+    oracle = scipy.linalg.orth(a)
+    assert q.shape == oracle.shape
+    np.testing.assert_allclose(q.T @ q, np.eye(q.shape[1]), atol=1e-13)
+    np.testing.assert_allclose(q @ q.T, oracle @ oracle.T, atol=1e-10)  # the same projector
