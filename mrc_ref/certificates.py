@@ -85,7 +85,7 @@ def g8(x):
 
 
 # ----------------------------------------------------------------- Stage 1
-def output_spectrum(W, C, vectors=False, *, WC=None):
+def output_spectrum(W, C, vectors=False):
     """Eigenvalues ``σ_1² ≥ … ≥ σ_k² ≥ 0`` of the output Gram ``W C Wᵀ``,
     ``k = min(m, n)``, by SciPy on the smaller side.
 
@@ -103,9 +103,6 @@ def output_spectrum(W, C, vectors=False, *, WC=None):
         Also return an orthonormal basis ``U`` of the output directions,
         column ``i`` for ``σ_i²`` (only meaningful where ``σ_i² > 0``): all
         ``k`` columns, or the first ``vectors`` when an int.
-    WC : ndarray (m, n), optional
-        ``W C``, when the caller has it (the ``m ≤ n`` route then forms
-        ``W C Wᵀ`` as ``(W C) Wᵀ`` without a second ``m n²`` product).
 
     Returns
     -------
@@ -116,23 +113,37 @@ def output_spectrum(W, C, vectors=False, *, WC=None):
     m, n = W.shape
     if C.shape != (n, n):
         raise ValueError(f"C has shape {C.shape}, expected {(n, n)} for W of shape {W.shape}")
-    C = (C + C.T) / 2
     keep = min(m, n) if vectors is True else int(vectors)
+    s2, U, _ = _spectrum(W, (C + C.T) / 2, keep)
+    return (s2, U) if vectors is not False else s2
+
+
+def _spectrum(W, C, keep):
+    """:func:`output_spectrum`'s work, with what it formed on the way:
+    ``(s2, U (m, keep) or None, parts)``; ``parts`` is ``{"WC": W C}`` when
+    ``m ≤ n`` and ``{"F": W S, "S": S, "G": Fᵀ F, "cholesky": bool}`` when
+    ``m > n`` (``S`` the Cholesky factor, or ``V Λ^{1/2}`` from ``eigh(C)``
+    where that fails)."""
+    m, n = W.shape
     if m <= n:
-        G = (W @ C if WC is None else WC) @ W.T
+        WC = W @ C
+        G = WC @ W.T
         s2, V = scipy.linalg.eigh((G + G.T) / 2)
         s2, U = s2[::-1], V[:, ::-1][:, :keep]
+        parts = {"WC": WC}
     else:
         try:
-            F = W @ scipy.linalg.cholesky(C, lower=True)
+            S, cholesky = scipy.linalg.cholesky(C, lower=True), True
         except np.linalg.LinAlgError:  # singular: the eigendecomposition's square root
             lam, V = scipy.linalg.eigh(C)
-            F = W @ (V * np.sqrt(np.clip(lam, 0, None)))
-        s2, V = scipy.linalg.eigh(F.T @ F)
+            S, cholesky = V * np.sqrt(np.clip(lam, 0, None)), False
+        F = W @ S
+        G = F.T @ F
+        s2, V = scipy.linalg.eigh(G)
         s2, V = s2[::-1], V[:, ::-1]
         U = F @ V[:, :keep] / np.sqrt(np.where(s2[:keep] > 0, s2[:keep], 1)) if keep else None
-    s2 = np.clip(s2, 0, None)
-    return (s2, U) if vectors is not False else s2
+        parts = {"F": F, "S": S, "G": G, "cholesky": cholesky}
+    return np.clip(s2, 0, None), U, parts
 
 
 def _orth(a):
@@ -252,9 +263,13 @@ def certify_stage1(W, C, A, B, *, residual=None):
     the NMSE ratio is what certifies the global optimum.
 
     One eigendecomposition of the output Gram gives the optimum at every
-    rank (``nmse_optimal_curve``) and the optimal subspace; ``W C`` is the
-    one ``m × n × n`` product: ``(W − A B) C = W C − A (B C)``, and for
-    ``m ≤ n`` the output Gram is ``(W C) Wᵀ``.
+    rank (``nmse_optimal_curve``) and the optimal subspace. When ``m ≤ n``,
+    ``W C`` is the one ``m × n × n`` product: the output Gram is
+    ``(W C) Wᵀ`` and ``R = W C − A (B C)``. When ``m > n`` and ``C`` is positive
+    definite, the products go through ``F = W L`` of :func:`output_spectrum`
+    (``S = L`` its Cholesky factor; otherwise as for ``m ≤ n``): the NMSE
+    is ``‖F − A (B S)‖²_F / ‖F‖²_F``, ``R = (D S) Sᵀ`` is applied as a
+    product, and ``‖W C‖²_F = tr(Fᵀ F Sᵀ S)``.
 
     Parameters
     ----------
@@ -286,15 +301,35 @@ def certify_stage1(W, C, A, B, *, residual=None):
     if A.shape[0] != m or B.shape[1] != n:
         raise ValueError(f"A B has shape {(A.shape[0], B.shape[1])}, W has {W.shape}")
     r = A.shape[1]
-    WC = W @ C
-    s2, U = output_spectrum(W, C, vectors=min(r, min(m, n)), WC=WC)
+    s2, U, parts = _spectrum(W, (C + C.T) / 2, min(r, min(m, n)))
     curve = nmse_tail(s2)
-    D = W - A @ B
-    R = WC - A @ (B @ C)  # (W − A B) C with one m × n × n product, W C's
-    energy = max(float(np.sum(WC * W)), 0.0)
-    nmse = max(float(np.sum(R * D)), 0.0) / energy
     optimal = float(curve[min(r, len(s2))])
-    scale = float(np.linalg.norm(WC)) or 1.0
+    if not parts.get("cholesky", True):  # C not definite: tr(D C Dᵀ) itself, as for m ≤ n
+        parts = {"WC": W @ C}
+    if "WC" in parts:  # m ≤ n: R = (W − A B) C = W C − A (B C), with W C's one m × n × n product
+        WC, D = parts["WC"], W - A @ B
+        R = WC - A @ (B @ C)
+        energy = max(float(np.sum(WC * W)), 0.0)
+        nmse = max(float(np.sum(R * D)), 0.0) / energy
+        scale = float(np.linalg.norm(WC)) or 1.0
+
+        def left_r(X):  # Xᵀ R
+            return X.T @ R
+
+        def r_right(X):  # R X
+            return R @ X
+    else:  # m > n, C = S Sᵀ definite: through F = W S, no m × n × n product; D S = F − A (B S), R = (D S) Sᵀ
+        F, S, G = parts["F"], parts["S"], parts["G"]
+        DS = F - A @ (B @ S)
+        energy = max(float(np.sum(F * F)), 0.0)
+        nmse = float(np.sum(DS * DS)) / energy
+        scale = max(float(np.sum(G * (S.T @ S))), 0.0) ** 0.5 or 1.0  # ‖W C‖_F² = tr(Fᵀ F Sᵀ S)
+
+        def left_r(X):
+            return (X.T @ DS) @ S.T
+
+        def r_right(X):
+            return DS @ (S.T @ X)
     left, right = _orth(A), _orth(B.T)
     angle = None
     if 0 < r <= len(s2) and s2[r - 1] > 0 and left.shape[1]:
@@ -306,8 +341,10 @@ def certify_stage1(W, C, A, B, *, residual=None):
     out = {}
     if residual is not None:
         P, Q = factor_pair(*residual, "P Q")
-        D_layer = D - P @ Q
-        out["nmse_layer"] = max(float(np.sum((R - P @ (Q @ C)) * D_layer)), 0.0) / energy
+        if "WC" in parts:
+            out["nmse_layer"] = max(float(np.sum((R - P @ (Q @ C)) * (D - P @ Q))), 0.0) / energy
+        else:
+            out["nmse_layer"] = float(np.sum((DS - P @ (Q @ S)) ** 2)) / energy
     return {
         **out,
         "rank": r,
@@ -317,8 +354,8 @@ def certify_stage1(W, C, A, B, *, residual=None):
         "excess": excess(nmse, optimal),
         "eigen_gap": eigen_gap(s2, min(r, len(s2))),
         "max_angle": angle,
-        "stationarity_left": float(np.linalg.norm(left.T @ R)) / scale,
-        "stationarity_right": float(np.linalg.norm(R @ right)) / scale,
+        "stationarity_left": float(np.linalg.norm(left_r(left))) / scale,
+        "stationarity_right": float(np.linalg.norm(r_right(right))) / scale,
     }
 
 

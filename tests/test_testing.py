@@ -454,3 +454,30 @@ def test_the_certificates_column_basis_against_an_svd(kind):
     assert q.shape == oracle.shape
     np.testing.assert_allclose(q.T @ q, np.eye(q.shape[1]), atol=1e-13)
     np.testing.assert_allclose(q @ q.T, oracle @ oracle.T, atol=1e-10)  # the same projector
+
+
+@pytest.mark.parametrize("shape", [(30, 12), (12, 30)])
+@pytest.mark.parametrize("c_kind", ["definite", "singular"])
+def test_certify_stage1_figures_equal_their_definitions(shape, c_kind):
+    """NMSE, the whole layer's NMSE and the stationarity residuals, on every
+    route of certify_stage1 (m > n through F = W L, m ≤ n and singular C
+    through W C), against their definitions written out directly."""
+    from mrc_ref import certificates
+
+    rng = np.random.default_rng(11)
+    m, n = shape
+    W = rng.standard_normal((m, n))
+    X = rng.standard_normal((3 * n if c_kind == "definite" else n // 2, n))
+    C = X.T @ X
+    A, B = rng.standard_normal((m, 5)), rng.standard_normal((5, n))
+    P, Q = rng.standard_normal((m, 2)), rng.standard_normal((2, n))
+    cert = certificates.certify_stage1(W, C, A, B, residual=(P, Q))
+    D = W - A @ B
+    energy = np.trace(W @ C @ W.T)
+    R = D @ C
+    left, right = np.linalg.qr(A)[0], np.linalg.qr(B.T)[0]
+    scale = np.linalg.norm(W @ C)
+    assert cert["nmse"] == pytest.approx(np.trace(D @ C @ D.T) / energy, rel=1e-12)
+    assert cert["nmse_layer"] == pytest.approx(np.trace((D - P @ Q) @ C @ (D - P @ Q).T) / energy, rel=1e-12)
+    assert cert["stationarity_left"] == pytest.approx(np.linalg.norm(left.T @ R) / scale, rel=1e-10)
+    assert cert["stationarity_right"] == pytest.approx(np.linalg.norm(R @ right) / scale, rel=1e-10)
