@@ -317,27 +317,39 @@ def linear(params, name, x, xp, *, bias=True):
         lead = tuple(x.shape[:-1])
         y = linear(params, name, xp.reshape(x, (math.prod(lead), x.shape[-1])), xp, bias=bias)
         return xp.reshape(y, lead + (y.shape[-1],))
-    n = x.shape[-1]
-    if layout.layer_form(params, name) == "dense":
-        w = params[f"{name}.weight"]
-        if w.ndim != 2 or w.shape[1] != n:
-            raise MrcError(f"weight has shape {tuple(w.shape)}, input has {n} features", layer=name)
-        y = x @ w.T
-    else:
-        a, b, p, q = layout.factors(params, name, n=n)
-        pair = stacked_factors(a, b, p, q)
-        if pair is not None:
-            y = (x @ pair[1].T) @ pair[0].T
-        else:
-            y = (x @ b.T) @ a.T
-            if p is not None:
-                y = y + (x @ q.T) @ p.T
+    _, mats = _operands(params, name, x.shape[-1])
+    y = x @ mats[0] if len(mats) == 1 else (x @ mats[0]) @ mats[1]
+    if len(mats) == 4:
+        y = y + (x @ mats[2]) @ mats[3]
     if bias and f"{name}.bias" in params:
         b = params[f"{name}.bias"]
         if tuple(b.shape) != (y.shape[-1],):
             raise MrcError(f"bias has shape {tuple(b.shape)}, expected ({y.shape[-1]},)", layer=name)
         y = y + b
     return y
+
+
+def _operands(params, name, n):
+    """``(m, mats)`` of linear layer ``name`` for ``n`` input features: the
+    right operands of ``y = x Wᵀ`` in the order applied, ``(Wᵀ,)``,
+    ``(Rᵀ, Lᵀ)`` (a stacked pair, :func:`stacked_factors`), ``(Bᵀ, Aᵀ)`` or
+    ``(Bᵀ, Aᵀ, Qᵀ, Pᵀ)`` (``y = (x Bᵀ) Aᵀ + (x Qᵀ) Pᵀ``).
+
+    Raises
+    ------
+    MrcError
+        The layer is missing, half-compressed, or its shapes do not chain.
+    """
+    if layout.layer_form(params, name) == "dense":
+        w = params[f"{name}.weight"]
+        if w.ndim != 2 or w.shape[1] != n:
+            raise MrcError(f"weight has shape {tuple(w.shape)}, input has {n} features", layer=name)
+        return w.shape[0], (w.T,)
+    a, b, p, q = layout.factors(params, name, n=n)
+    pair = stacked_factors(a, b, p, q)
+    if pair is not None:
+        return a.shape[0], (pair[1].T, pair[0].T)
+    return a.shape[0], (b.T, a.T) + (() if p is None else (q.T, p.T))
 
 
 def erf_function(xp):
@@ -747,24 +759,11 @@ def _is(a, dtype):
 
 
 def _engine_linear(params, name, n, dtype):
-    """``(m, mats, bias)`` of a linear layer for the engine, or ``None`` when
-    anything is unusual (the plain route then runs and reports it).
-    ``mats`` are the right operands in order: ``(Wᵀ,)``, ``(Rᵀ, Lᵀ)``
-    (stacked), ``(Bᵀ, Aᵀ)`` or ``(Bᵀ, Aᵀ, Qᵀ, Pᵀ)``."""
+    """``(m, mats, bias)`` of a linear layer for the engine (``mats`` as
+    :func:`_operands` gives them), or ``None`` when anything is unusual (the
+    plain route then runs and reports it)."""
     try:
-        if layout.layer_form(params, name) == "dense":
-            w = params[f"{name}.weight"]
-            if not _is(w, dtype) or w.ndim != 2 or w.shape[1] != n:
-                return None
-            m, mats = w.shape[0], (w.T,)
-        else:
-            a, b, p, q = layout.factors(params, name, n=n)
-            pair = stacked_factors(a, b, p, q)
-            if pair is not None:
-                mats = (pair[1].T, pair[0].T)
-            else:
-                mats = (b.T, a.T) + (() if p is None else (q.T, p.T))
-            m = a.shape[0]
+        m, mats = _operands(params, name, n)
     except MrcError:
         return None
     bias = params.get(f"{name}.bias")
@@ -775,7 +774,7 @@ def _engine_linear(params, name, n, dtype):
 
 def _apply_rows(layer, x, out):
     """``out = x Wᵀ + b`` for a part's rows x (rows, n), written into ``out``
-    (rows, m); the factored forms as in :func:`linear`, in the same order."""
+    (rows, m): the products of :func:`linear`, in the same order."""
     _, mats, bias = layer
     if len(mats) == 1:
         np.matmul(x, mats[0], out=out)
