@@ -121,9 +121,9 @@ def output_spectrum(W, C, vectors=False):
 def _spectrum(W, C, keep):
     """:func:`output_spectrum`'s work, with what it formed on the way:
     ``(s2, U (m, keep) or None, parts)``; ``parts`` is ``{"WC": W C}`` when
-    ``m ≤ n`` and ``{"F": W S, "S": S, "G": Fᵀ F, "cholesky": bool}`` when
-    ``m > n`` (``S`` the Cholesky factor, or ``V Λ^{1/2}`` from ``eigh(C)``
-    where that fails)."""
+    ``m ≤ n``, ``{"F": W L, "L": L, "G": Fᵀ F}`` when ``m > n`` and ``C = L Lᵀ``
+    is positive definite, and empty otherwise (``m > n``, the square root
+    ``V Λ^{1/2}`` from ``eigh(C)``)."""
     m, n = W.shape
     if m <= n:
         WC = W @ C
@@ -133,16 +133,16 @@ def _spectrum(W, C, keep):
         parts = {"WC": WC}
     else:
         try:
-            S, cholesky = scipy.linalg.cholesky(C, lower=True), True
+            S, definite = scipy.linalg.cholesky(C, lower=True), True
         except np.linalg.LinAlgError:  # singular: the eigendecomposition's square root
             lam, V = scipy.linalg.eigh(C)
-            S, cholesky = V * np.sqrt(np.clip(lam, 0, None)), False
+            S, definite = V * np.sqrt(np.clip(lam, 0, None)), False
         F = W @ S
         G = F.T @ F
         s2, V = scipy.linalg.eigh(G)
         s2, V = s2[::-1], V[:, ::-1]
         U = F @ V[:, :keep] / np.sqrt(np.where(s2[:keep] > 0, s2[:keep], 1)) if keep else None
-        parts = {"F": F, "S": S, "G": G, "cholesky": cholesky}
+        parts = {"F": F, "L": S, "G": G} if definite else {}
     return np.clip(s2, 0, None), U, parts
 
 
@@ -267,9 +267,9 @@ def certify_stage1(W, C, A, B, *, residual=None):
     ``W C`` is the one ``m × n × n`` product: the output Gram is
     ``(W C) Wᵀ`` and ``R = W C − A (B C)``. When ``m > n`` and ``C`` is positive
     definite, the products go through ``F = W L`` of :func:`output_spectrum`
-    (``S = L`` its Cholesky factor; otherwise as for ``m ≤ n``): the NMSE
-    is ``‖F − A (B S)‖²_F / ‖F‖²_F``, ``R = (D S) Sᵀ`` is applied as a
-    product, and ``‖W C‖²_F = tr(Fᵀ F Sᵀ S)``.
+    (``L`` its Cholesky factor; otherwise as for ``m ≤ n``): the NMSE is
+    ``‖F − A (B L)‖²_F / ‖F‖²_F``, ``R = (D L) Lᵀ`` is applied as a product,
+    and ``‖W C‖²_F = tr(Fᵀ F Lᵀ L)``.
 
     Parameters
     ----------
@@ -304,33 +304,28 @@ def certify_stage1(W, C, A, B, *, residual=None):
     s2, U, parts = _spectrum(W, (C + C.T) / 2, min(r, min(m, n)))
     curve = nmse_tail(s2)
     optimal = float(curve[min(r, len(s2))])
-    if not parts.get("cholesky", True):  # C not definite: tr(D C Dᵀ) itself, as for m ≤ n
-        parts = {"WC": W @ C}
-    if "WC" in parts:  # m ≤ n: R = (W − A B) C = W C − A (B C), with W C's one m × n × n product
-        WC, D = parts["WC"], W - A @ B
+    left, right = _orth(A), _orth(B.T)
+    out = {}
+    P, Q = factor_pair(*residual, "P Q") if residual is not None else (None, None)
+    if "F" in parts:  # m > n, C = L Lᵀ definite: through F = W L, no m × n × n product, R = (D L) Lᵀ
+        F, L = parts["F"], parts["L"]
+        DL = F - A @ (B @ L)
+        energy = max(float(np.sum(F * F)), 0.0)
+        nmse = float(np.sum(DL * DL)) / energy
+        scale = max(float(np.sum(parts["G"] * (L.T @ L))), 0.0) ** 0.5 or 1.0  # ‖W C‖_F² = tr(Fᵀ F Lᵀ L)
+        stationarity = ((left.T @ DL) @ L.T, DL @ (L.T @ right))
+        if P is not None:
+            out["nmse_layer"] = float(np.sum((DL - P @ (Q @ L)) ** 2)) / energy
+    else:  # m ≤ n (W C from the spectrum), or C not definite: R = (W − A B) C = W C − A (B C)
+        WC = parts["WC"] if "WC" in parts else W @ C
+        D = W - A @ B
         R = WC - A @ (B @ C)
         energy = max(float(np.sum(WC * W)), 0.0)
         nmse = max(float(np.sum(R * D)), 0.0) / energy
         scale = float(np.linalg.norm(WC)) or 1.0
-
-        def left_r(X):  # Xᵀ R
-            return X.T @ R
-
-        def r_right(X):  # R X
-            return R @ X
-    else:  # m > n, C = S Sᵀ definite: through F = W S, no m × n × n product; D S = F − A (B S), R = (D S) Sᵀ
-        F, S, G = parts["F"], parts["S"], parts["G"]
-        DS = F - A @ (B @ S)
-        energy = max(float(np.sum(F * F)), 0.0)
-        nmse = float(np.sum(DS * DS)) / energy
-        scale = max(float(np.sum(G * (S.T @ S))), 0.0) ** 0.5 or 1.0  # ‖W C‖_F² = tr(Fᵀ F Sᵀ S)
-
-        def left_r(X):
-            return (X.T @ DS) @ S.T
-
-        def r_right(X):
-            return DS @ (S.T @ X)
-    left, right = _orth(A), _orth(B.T)
+        stationarity = (left.T @ R, R @ right)
+        if P is not None:
+            out["nmse_layer"] = max(float(np.sum((R - P @ (Q @ C)) * (D - P @ Q))), 0.0) / energy
     angle = None
     if 0 < r <= len(s2) and s2[r - 1] > 0 and left.shape[1]:
         # the largest principal angle: arcsin of the largest singular value of (I − Π_A) U_r, from the
@@ -338,13 +333,6 @@ def certify_stage1(W, C, A, B, *, residual=None):
         away = U[:, :r] - left @ (left.T @ U[:, :r])
         top = max(float(scipy.linalg.eigvalsh(away.T @ away, subset_by_index=[r - 1, r - 1])[0]), 0.0)
         angle = float(np.arcsin(min(top ** 0.5, 1.0))) if left.shape[1] >= r else float(np.pi / 2)
-    out = {}
-    if residual is not None:
-        P, Q = factor_pair(*residual, "P Q")
-        if "WC" in parts:
-            out["nmse_layer"] = max(float(np.sum((R - P @ (Q @ C)) * (D - P @ Q))), 0.0) / energy
-        else:
-            out["nmse_layer"] = float(np.sum((DS - P @ (Q @ S)) ** 2)) / energy
     return {
         **out,
         "rank": r,
@@ -354,8 +342,8 @@ def certify_stage1(W, C, A, B, *, residual=None):
         "excess": excess(nmse, optimal),
         "eigen_gap": eigen_gap(s2, min(r, len(s2))),
         "max_angle": angle,
-        "stationarity_left": float(np.linalg.norm(left_r(left))) / scale,
-        "stationarity_right": float(np.linalg.norm(r_right(right))) / scale,
+        "stationarity_left": float(np.linalg.norm(stationarity[0])) / scale,
+        "stationarity_right": float(np.linalg.norm(stationarity[1])) / scale,
     }
 
 
