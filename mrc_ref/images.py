@@ -17,8 +17,8 @@ import numpy as np
 from mrc_ref.errors import MrcError
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DEFAULT_SIZE", "DEFAULT_CROP_PCT", "IMAGE_EXTENSIONS",
-           "MAX_PIXELS", "MAX_IMAGE_BYTES", "transform_bytes", "list_images", "check_image_outputs", "iter_batches", "load_image", "eval_transform", "resize_shorter",
-           "model_input_size"]
+           "MAX_PIXELS", "MAX_IMAGE_BYTES", "transform_bytes", "list_images", "check_image_outputs", "iter_batches",
+           "load_image", "eval_transform", "resize_shorter", "model_input_size"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -81,9 +81,12 @@ def _images_under(directory, seen_dirs):
     for root, files in sorted(walked):
         for f in sorted(files):
             path = os.path.join(root, f)
-            if _is_image_name(f) and os.path.isfile(path) and _identity(path) not in seen_files:
-                seen_files.add(_identity(path))
-                found.append((path, _identity(path)))
+            if not (_is_image_name(f) and os.path.isfile(path)):
+                continue
+            identity = _identity(path)
+            if identity not in seen_files:
+                seen_files.add(identity)
+                found.append((path, identity))
     return found
 
 
@@ -260,6 +263,11 @@ def transform_bytes(mode, width, height, size=DEFAULT_SIZE, crop_pct=DEFAULT_CRO
     Returns
     -------
     int
+
+    Raises
+    ------
+    MrcError
+        The resized image would be over :data:`MAX_PIXELS`.
     """
     width, height = int(width), int(height)
     pixels = width * height
@@ -432,8 +440,7 @@ def load_image(path, **transform_kw):
                                    f"over the limit of {MAX_PIXELS / 1e6:g} megapixels")
                 size = int(transform_kw.get("size", DEFAULT_SIZE))
                 crop_pct = transform_kw.get("crop_pct", DEFAULT_CROP_PCT)
-                _resized(width, height, int(math.floor(size / crop_pct)))
-                need = transform_bytes(img.mode, width, height, size, crop_pct)
+                need = transform_bytes(img.mode, width, height, size, crop_pct)  # refuses a huge resize too
                 if need > MAX_IMAGE_BYTES:
                     raise MrcError(f"image is {width}×{height} in mode {img.mode}: decoding and resizing it "
                                    f"would take about {need / 1e6:.0f} MB, over the limit of "
