@@ -319,11 +319,6 @@ def read_config(path):
     return config, None, None
 
 
-def config_num_heads(path):
-    """The head count of the ``config.json`` beside ``path`` (:func:`read_config`), or None."""
-    return read_config(path)[2]
-
-
 def convert_file(src, dst, num_heads=None):
     """Convert checkpoint ``src`` and write ``dst`` atomically; returns the metadata."""
     state, in_meta, container = load_checkpoint(src)

@@ -50,7 +50,7 @@ REQUIRED = ("shard_index", "shard_count", "num_images") + tuple(k for k in MATCH
 def _plain(value):
     """An HDF5 attribute value as a plain Python value (str, int, float); a
     size-1 array is its one element, a larger array stays an array (for
-    :func:`_count` to refuse)."""
+    :func:`_integer` to refuse)."""
     if isinstance(value, np.ndarray):
         if value.size != 1:
             return value
@@ -85,10 +85,6 @@ def _text(value, what, source):
     if not isinstance(value, str):
         raise MrcError(f"attribute {what!r} must be a string, got {describe(value)}", file=source)
     return value
-
-
-def _count(values, key, source):
-    return _integer(values[key], key, source)
 
 
 def _shard_size(index, count, total):
@@ -139,7 +135,7 @@ def make_part(layers, proxy, attrs, source, layout=None, proxy_needed=True):
                        file=source)
     values = {key: _plain(attrs[key]) for key in REQUIRED}
     for key in COUNTS:
-        values[key] = _count(values, key, source)
+        values[key] = _integer(values[key], key, source)
     for key in TEXTS:
         values[key] = _text(values[key], key, source)
     for key in OPTIONAL_COUNTS:
