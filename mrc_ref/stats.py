@@ -263,7 +263,7 @@ def validate(stats, n, xp, dtype=None, statistic=None, psd=True):
         for key in ("gram", "gram_normalized"):
             if out[key] is not None:
                 (check_psd if key in used else screen_psd)(out[key], key, xp)
-    return {"gram": out["gram"], "sum": out["sum"], "rows": rows, "gram_normalized": out["gram_normalized"]}
+    return out
 
 
 def metric_gram(stats, n, xp):

@@ -197,8 +197,9 @@ def read_layer(tensors, lora, name, m, n, path, scaling=1.0, stored=None, half_s
 
     ``scaling`` is the PEFT pairs' ``s`` (a number, or a callable
     ``scaling(name, rank)``). The rank of each pair (principal, residual,
-    PEFT), and ``r + q`` of a factored layer, may not exceed ``min(m, n)``. ``half_steps`` maps the keys of tensors stored int8 to
-    half their rows' quantization steps (``scale / 2``).
+    PEFT), and ``r + q`` of a factored layer, may not exceed ``min(m, n)``.
+    ``half_steps`` maps the keys of tensors stored int8 to half their rows'
+    quantization steps (``scale / 2``).
 
     Returns
     -------
