@@ -59,18 +59,6 @@ def _inputs(params, stage, h, name, num_heads, xp):
     return x.reshape(-1, x.shape[-1])
 
 
-def _capture_block(params, index, h, num_heads, xp, store, sl):
-    """One full pass of block ``index`` on ``h`` (a batch ``sl`` of images):
-    returns the block's output, and writes the input of each layer named in
-    ``store`` into ``store[layer][sl]`` (a host copy, taken when it is seen)."""
-
-    def hook(layer, x):
-        if layer in store:
-            store[layer][sl] = to_host(x)
-
-    return vit.block(params, index, h, num_heads, xp, hook=hook)
-
-
 #: Proxy images per batch of the forward pass **[choice]**: memory is that of
 #: one batch's activations, whatever the number of proxy images.
 BATCH_IMAGES = 64
@@ -142,11 +130,19 @@ def compensate_sequential(original, factors, tokens, config, *, num_heads, xp, p
     buffers = {}  # (leaf, shape) -> scratch array of original inputs, reused from block to block
     captured = {}  # layer -> original inputs X of the layers of the block last captured
 
-    def advance(key, model, stop):
+    def advance(key, model, stop, store=None):
+        """Run stream ``key`` through blocks ``at[key] .. stop-1``; with
+        ``store``, keep a host copy of each named layer's input, batch by
+        batch, in ``store[layer]``."""
         for index in range(at[key], stop):
             h = streams[key]
             for sl in chunks:
-                h[sl] = to_host(vit.block(model, index, xp.asarray(h[sl]), num_heads, xp))
+                def hook(layer, x, sl=sl):
+                    if layer in store:
+                        store[layer][sl] = to_host(x)
+
+                h[sl] = to_host(vit.block(model, index, xp.asarray(h[sl]), num_heads, xp,
+                                          hook=None if store is None else hook))
         at[key] = max(at[key], stop)
 
     for name in progress(order, "stage 3 (sequential compensation)"):
@@ -162,10 +158,7 @@ def compensate_sequential(original, factors, tokens, config, *, num_heads, xp, p
                 if key not in buffers:
                     buffers[key] = scratch(shape, dtype)
                 captured[layer] = buffers[key]
-            h = streams["original"]
-            for sl in chunks:
-                h[sl] = to_host(_capture_block(original, stage, xp.asarray(h[sl]), num_heads, xp, captured, sl))
-            at["original"] = stage + 1
+            advance("original", original, stage + 1, store=captured)
         elif stage is None:
             advance("original", original, target)
         n = factors[name][1].shape[1]
