@@ -14,6 +14,7 @@ mrc_ref.verify`` into a verdict on a model file.
 import numpy as np
 import scipy.linalg
 
+from . import threads
 from .backend import to_host
 from .compensate import DEFAULT_DAMP
 
@@ -159,6 +160,11 @@ def _orth(a):
     ``max(m, r) ε |R_11|`` (the rank rule of :func:`scipy.linalg.orth`)."""
     if not a.shape[1]:
         return a
+    with threads.one_blas_thread():  # r × r factorizations and thin products: BLAS threads only stall them
+        return _orth_columns(a)
+
+
+def _orth_columns(a):
     q = a
     try:
         for _ in range(2):
@@ -330,8 +336,9 @@ def certify_stage1(W, C, A, B, *, residual=None):
     if 0 < r <= len(s2) and s2[r - 1] > 0 and left.shape[1]:
         # the largest principal angle: arcsin of the largest singular value of (I − Π_A) U_r, from the
         # largest eigenvalue of its r × r Gram (relative precision kept: it is the largest)
-        away = U[:, :r] - left @ (left.T @ U[:, :r])
-        top = max(float(scipy.linalg.eigvalsh(away.T @ away, subset_by_index=[r - 1, r - 1])[0]), 0.0)
+        with threads.one_blas_thread():  # m × r and r × r work, as in _orth
+            away = U[:, :r] - left @ (left.T @ U[:, :r])
+            top = max(float(scipy.linalg.eigvalsh(away.T @ away, subset_by_index=[r - 1, r - 1])[0]), 0.0)
         angle = float(np.arcsin(min(top ** 0.5, 1.0))) if left.shape[1] >= r else float(np.pi / 2)
     return {
         **out,
